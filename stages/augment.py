@@ -1,0 +1,43 @@
+"""The study's augmentation as batched tensor operations on the training device (no per-image PIL pipeline).
+
+The data set stays uint8 on the device; it is reflect-padded once, and every batch is cropped, flipped
+and normalized there, each image with its own random offsets and flip."""
+import torch
+
+
+def reflect_pad(images, pad):
+    """Reflect-pad uint8 images [N, C, H, W] by `pad` pixels per side, by indexing (works for any dtype)."""
+    def index(size):
+        i = torch.arange(-pad, size + pad, device=images.device).abs()
+        return torch.where(i >= size, 2 * (size - 1) - i, i)
+
+    return images[:, :, index(images.shape[2])][:, :, :, index(images.shape[3])]
+
+
+def random_crop_flip(padded, size, generator):
+    """Per image: a random `size` x `size` crop of the padded images [B, C, H, W], then a horizontal flip
+    with probability 0.5 (the study's RandomCrop(32, padding=4, reflect) + RandomHorizontalFlip)."""
+    b, c, h, w = padded.shape
+    device = padded.device
+    top = torch.randint(0, h - size + 1, (b, 1, 1, 1), device=device, generator=generator)
+    left = torch.randint(0, w - size + 1, (b, 1, 1, 1), device=device, generator=generator)
+    flip = torch.rand(b, 1, 1, 1, device=device, generator=generator) < 0.5
+    steps = torch.arange(size, device=device)
+    rows = top + steps.view(1, 1, size, 1)
+    steps = steps.view(1, 1, 1, size)
+    cols = left + torch.where(flip, size - 1 - steps, steps)  # a flip reads the columns backwards
+    return padded[torch.arange(b, device=device).view(b, 1, 1, 1), torch.arange(c, device=device).view(1, c, 1, 1),
+                  rows, cols]
+
+
+class Normalizer:
+    """uint8 images -> float (x / 255 - mean) / std per channel, in channels_last memory format."""
+
+    def __init__(self, mean, std, device):
+        std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = 1 / (255 * std)
+        self.shift = -torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) / std
+
+    def __call__(self, images):
+        x = images.float().mul_(self.scale).add_(self.shift)
+        return x.contiguous(memory_format=torch.channels_last)

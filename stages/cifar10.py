@@ -1,0 +1,145 @@
+"""CIFAR-10 in its official python layout: fetching the archive, reading the batches, channel statistics.
+
+torchvision.datasets.CIFAR10 checks the official per-file md5s and so rejects mirrors and test archives;
+the batches are read here instead, with torchvision's download, checksum and extraction utilities."""
+import http.client
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import zlib
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import torch
+from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
+
+from .workspace import UserError
+
+BATCHES_DIR = "cifar-10-batches-py"
+SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+META_FILE = "batches.meta"
+EXPECTED_FILES = [*SPLITS["train"], *SPLITS["test"], META_FILE]
+IMAGE_SHAPE = (3, 32, 32)
+
+
+def _local_path(url):
+    """The file a local path or file:// URL names, or None for a remote URL."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme in ("", *"abcdefghijklmnopqrstuvwxyz"):  # a plain path (a one-letter scheme is a drive)
+        return Path(url).expanduser()
+    if parsed.scheme in ("http", "https", "ftp"):
+        if not parsed.netloc:
+            raise UserError(f"data.url {url!r} is malformed: no host")
+        return None
+    raise UserError(f"data.url {url!r}: unsupported scheme '{parsed.scheme}'; use http(s)://, file:// or a local path")
+
+
+def _fetch(url, workdir):
+    """Path of the archive `url` names: downloaded into `workdir` (with a progress bar) or a local file as is."""
+    path = _local_path(url)
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"data.url {url!r}: no such file")
+        return path
+    try:
+        download_url(url, workdir, filename="archive.tar.gz")
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"data.url {url!r} could not be downloaded: {reason}")
+    return Path(workdir) / "archive.tar.gz"
+
+
+def download(url, md5, dest_dir):
+    """Fetch the archive at `url`, check its md5, extract it and check its layout; only then move
+    `cifar-10-batches-py/` into `dest_dir`. On any failure nothing is left in `dest_dir`."""
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / BATCHES_DIR
+    workdir = Path(tempfile.mkdtemp(prefix=".download-", dir=dest_dir))  # same file system: the move is a rename
+    try:
+        archive = _fetch(url, workdir)
+        actual = calculate_md5(archive)
+        if actual != md5.lower():
+            raise UserError(f"data.url {url!r}: md5 is {actual}, but data.md5 is {md5}")
+        extracted = workdir / "extracted"
+        try:
+            extract_archive(str(archive), str(extracted))
+        except (tarfile.TarError, EOFError, zlib.error, OSError, RuntimeError) as e:
+            raise UserError(f"data.url {url!r}: not a readable .tar.gz archive ({e})")
+        check_layout(extracted / BATCHES_DIR, source=url)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(extracted / BATCHES_DIR, target)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return target
+
+
+def _unpickle(path):
+    """A pickled dict; its keys as str whether it was written with str keys or (as some copies are) bytes."""
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def read_batch(path):
+    """One pickled batch -> (uint8 images [N, 3, 32, 32], int64 labels [N])."""
+    try:
+        batch = _unpickle(path)
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, *IMAGE_SHAPE)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; run the download stage first (dvc repro download)")
+    except Exception as e:  # unpickling a foreign file can raise nearly anything
+        raise UserError(f"{path}: not a CIFAR-10 batch (a pickled dict with 'data' N x 3072 and 'labels'): {e}")
+    if len(labels) != len(data) or (len(labels) and not 0 <= labels.min() <= labels.max() < 10):
+        raise UserError(f"{path}: {len(data)} images but {len(labels)} labels, or labels outside 0-9")
+    return torch.from_numpy(data), torch.from_numpy(labels)
+
+
+def check_layout(batches_dir, source):
+    missing = [name for name in EXPECTED_FILES if not (Path(batches_dir) / name).is_file()]
+    if missing:
+        raise UserError(f"{source}: archive lacks {BATCHES_DIR}/{', '.join(missing)} (expected the official "
+                        "CIFAR-10 python layout)")
+    for split in SPLITS:
+        load_split(batches_dir, split)
+    read_classes(batches_dir)
+
+
+def load_split(batches_dir, split):
+    """All images and labels of 'train' or 'test' as two tensors (uint8 [N, 3, 32, 32], int64 [N])."""
+    images, labels = zip(*(read_batch(Path(batches_dir) / name) for name in SPLITS[split]))
+    return torch.cat(images), torch.cat(labels)
+
+
+def read_classes(batches_dir):
+    path = Path(batches_dir) / META_FILE
+    try:
+        names = _unpickle(path)["label_names"]
+    except Exception as e:
+        raise UserError(f"{path}: not a CIFAR-10 batches.meta with 'label_names': {e}")
+    if len(names) != 10:
+        raise UserError(f"{path}: expected 10 label_names, found {len(names)}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def channel_stats(images):
+    """Per-channel mean and population std over every pixel of uint8 images [N, 3, H, W], scaled to [0, 1].
+    Exact: from a histogram of the 256 byte values per channel, so no float sums drift on 51M pixels."""
+    values = torch.arange(256, dtype=torch.float64)
+    mean, std = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        n = counts.sum()
+        m = (counts * values).sum() / n
+        var = (counts * (values - m) ** 2).sum() / n
+        mean.append(m.item() / 255)
+        std.append(var.sqrt().item() / 255)
+    return mean, std

@@ -1,0 +1,40 @@
+"""Stage evaluate: the final model (rebuilt from models/model.pt alone) on the test set.
+
+Writes metrics/evaluate/metrics.json (accuracy, loss, per-class accuracy) and metrics/evaluate/confusion.json
+(one {actual, predicted} record per test image, for DVC's confusion template and the plot stage)."""
+import torch
+
+from .augment import Normalizer
+from .cifar10 import load_split
+from .model import load_model
+from .params import load_params
+from .training import evaluate, pick_device
+from .workspace import BATCHES_DIR, CONFUSION_FILE, MODEL_FILE, TEST_METRICS_FILE, run, write_json
+
+BATCH_SIZE = 1000
+
+
+def per_class_accuracy(labels, predictions, num_classes):
+    hits = torch.bincount(labels[predictions == labels], minlength=num_classes).double()
+    return (hits / torch.bincount(labels, minlength=num_classes).clamp(min=1)).tolist()
+
+
+def main():
+    load_params()
+    model, stats, classes = load_model(MODEL_FILE)
+    images, labels = load_split(BATCHES_DIR, "test")
+    device = pick_device()
+    model = model.to(device, memory_format=torch.channels_last)
+    loss, accuracy, predictions = evaluate(model, images.to(device), labels.to(device),
+                                           Normalizer(stats["mean"], stats["std"], device), BATCH_SIZE)
+    predictions = predictions.cpu()
+    per_class = per_class_accuracy(labels, predictions, len(classes))
+    write_json(TEST_METRICS_FILE, {"accuracy": accuracy.item(), "loss": loss.item(),
+                                   "per_class_accuracy": dict(zip(classes, per_class))})
+    write_json(CONFUSION_FILE, [{"actual": classes[a], "predicted": classes[p]}
+                                for a, p in zip(labels.tolist(), predictions.tolist())])
+    print(f"test accuracy {accuracy.item():.4f}, loss {loss.item():.4f} on {len(labels)} images")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,104 @@
+"""The study's ResNet family for 32x32 images, and its checkpoint format."""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .workspace import UserError, atomic_path
+
+NUM_CLASSES = 10
+
+
+class BasicBlock(nn.Module):
+    """3x3 conv-BN-ReLU, 3x3 conv-BN, plus the shortcut (identity, or 1x1 conv-BN when the shape changes), ReLU."""
+
+    def __init__(self, in_channels, channels, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """3x3 stem (no max-pool: the input is only 32x32), one stage per entry of `blocks`/`widths`,
+    stride 2 at the first block of every stage after the first, global average pool, linear head."""
+
+    def __init__(self, blocks, widths, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.config = {"blocks": list(blocks), "widths": list(widths), "num_classes": num_classes}
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
+        stages, in_channels = [], widths[0]
+        for i, (n, channels) in enumerate(zip(blocks, widths)):
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                stages.append(BasicBlock(in_channels, channels, stride))
+                in_channels = channels
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(blocks, widths, max_params):
+    """The ResNet for `model.*` params; a model over the study's budget is an error before any training."""
+    model = ResNet(blocks, widths)
+    n = count_parameters(model)
+    if n > max_params:
+        raise UserError(
+            f"model.blocks {list(blocks)} with model.widths {list(widths)} has {n:,} parameters, "
+            f"over model.max_params = {max_params:,}"
+        )
+    return model
+
+
+def save_model(path, model, stats, classes):
+    """Everything evaluate needs to rebuild the model: weights, architecture and normalization."""
+    checkpoint = {
+        "config": model.config,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "stats": stats,
+        "classes": list(classes),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_model(path):
+    """Rebuild (model, stats, classes) from a checkpoint written by save_model."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint; run the train stage first (dvc repro train)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise UserError(f"{path}: not a readable model checkpoint ({type(e).__name__}: {e})".splitlines()[0])
+    missing = {"config", "state_dict", "stats", "classes"} - set(checkpoint if isinstance(checkpoint, dict) else {})
+    if missing:
+        raise UserError(f"{path}: not a checkpoint of this project (missing {', '.join(sorted(missing))})")
+    config = checkpoint["config"]
+    model = ResNet(config["blocks"], config["widths"], config["num_classes"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit the architecture {config} ({str(e).splitlines()[0]})")
+    return model, checkpoint["stats"], checkpoint["classes"]

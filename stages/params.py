@@ -1,0 +1,122 @@
+"""params.yaml: loading, and validation of every key before a stage does any work."""
+import re
+from pathlib import Path
+
+import yaml
+
+from .workspace import UserError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: `dvc exp run -S train.weight_decay=1e-5` writes 1e-05, which PyYAML's
+    YAML 1.1 rules would read as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+# Each check takes the value and returns an error text (what is allowed) or None.
+def _int(minimum):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            return f"must be an integer >= {minimum}"
+    return check
+
+
+def _number(*, above=None, at_least=None, below=None):
+    def check(v):
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and v == v
+        ok = ok and (above is None or v > above) and (at_least is None or v >= at_least)
+        ok = ok and (below is None or v < below)
+        if not ok:
+            bounds = [f"> {above}" if above is not None else None, f">= {at_least}" if at_least is not None else None,
+                      f"< {below}" if below is not None else None]
+            return "must be a number " + " and ".join(b for b in bounds if b)
+    return check
+
+
+def _int_list(minimum):
+    def check(v):
+        if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) or x < minimum
+                                                   for x in v):
+            return f"must be a non-empty list of integers >= {minimum}"
+    return check
+
+
+def _text(v):
+    if not isinstance(v, str) or not v.strip():
+        return "must be a non-empty string"
+
+
+def _md5(v):
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-fA-F]{32}", v):
+        return "must be an md5 checksum of 32 hex digits"
+
+
+def _positive_or_off(v):
+    if v is False or v is None:
+        return None
+    if _number(above=0)(v):
+        return "must be a number > 0, or false to switch clipping off"
+
+
+SCHEMA = {
+    "data": {"url": _text, "md5": _md5},
+    "model": {"blocks": _int_list(1), "widths": _int_list(1), "max_params": _int(1)},
+    "train": {
+        "epochs": _int(1),
+        "batch_size": _int(1),
+        "max_lr": _number(above=0),
+        "warmup_fraction": _number(above=0, below=1),
+        "weight_decay": _number(at_least=0),
+        "grad_clip": _positive_or_off,
+        "seed": _int(0),
+    },
+}
+
+
+def validate(params, source=PARAMS_FILE):
+    """Check every section and key against SCHEMA; the error names the key, the value and what is allowed."""
+    if not isinstance(params, dict):
+        raise UserError(f"{source}: expected a mapping of sections {', '.join(SCHEMA)}")
+    for section, keys in SCHEMA.items():
+        values = params.get(section)
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section '{section}' is missing or not a mapping")
+        for key, check in keys.items():
+            if key not in values:
+                raise UserError(f"{source}: {section}.{key} is missing")
+            problem = check(values[key])
+            if problem:
+                raise UserError(f"{source}: {section}.{key} = {values[key]!r} {problem}")
+        for key in values:
+            if key not in keys:
+                raise UserError(f"{source}: unknown key {section}.{key} (allowed: {', '.join(keys)})")
+    for section in params:
+        if section not in SCHEMA:
+            raise UserError(f"{source}: unknown section '{section}' (allowed: {', '.join(SCHEMA)})")
+    model = params["model"]
+    if len(model["blocks"]) != len(model["widths"]):
+        raise UserError(
+            f"{source}: model.blocks {model['blocks']} and model.widths {model['widths']} must have the same length "
+            "(one entry per stage)"
+        )
+    return params
+
+
+def load_params(path=PARAMS_FILE):
+    path = Path(path)
+    try:
+        with open(path) as f:
+            params = yaml.load(f, Loader=_Loader)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run the stages from the repository root")
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})")
+    return validate(params, path)

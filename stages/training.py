@@ -1,0 +1,70 @@
+"""The training engine: optimizer, schedule, one epoch of training, evaluation. Used by the train stage
+and the benchmark alike, so what is measured is what trains."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .augment import random_crop_flip
+
+CROP_SIZE = 32
+
+
+def pick_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(model, train):
+    """Adam with L2 weight decay, as in the study."""
+    return torch.optim.Adam(model.parameters(), lr=train["max_lr"], weight_decay=train["weight_decay"])
+
+
+def make_scheduler(optimizer, train, steps_per_epoch):
+    """OneCycle, stepped every batch: warm up to train.max_lr over train.warmup_fraction of the steps,
+    then cosine-anneal towards zero."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=train["max_lr"], total_steps=train["epochs"] * steps_per_epoch,
+        pct_start=train["warmup_fraction"],
+    )
+
+
+def steps_per_epoch(num_images, batch_size):
+    return -(-num_images // batch_size)  # the last, smaller batch is kept
+
+
+def train_epoch(model, optimizer, scheduler, padded_images, labels, normalize, train, generator, desc="train"):
+    """One pass over the padded uint8 training set (on the training device) in a fresh random order.
+    Returns (mean loss, accuracy) as device tensors: nothing is read back to the host per step."""
+    model.train()
+    device = padded_images.device
+    order = torch.randperm(len(labels), device=device, generator=generator)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for batch in tqdm(order.split(train["batch_size"]), desc=desc, leave=False, unit="batch"):
+        x = normalize(random_crop_flip(padded_images[batch], CROP_SIZE, generator))
+        y = labels[batch]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train["grad_clip"]:
+            nn.utils.clip_grad_value_(model.parameters(), train["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(batch)
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum / len(labels), correct / len(labels)
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, normalize, batch_size):
+    """(mean loss, accuracy, predictions) of the model in eval mode on uint8 images [N, 3, 32, 32]."""
+    model.eval()
+    loss_sum = torch.zeros((), device=images.device)
+    predictions = []
+    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+        logits = model(normalize(x))
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        predictions.append(logits.argmax(1))
+    predictions = torch.cat(predictions)
+    return loss_sum / len(labels), (predictions == labels).float().mean(), predictions

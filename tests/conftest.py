@@ -1,0 +1,93 @@
+"""Shared fixtures: a small synthetic CIFAR-10 archive in the official layout, served over HTTP on 127.0.0.1,
+so the real download, checksum and extraction code runs without the internet."""
+import functools
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# One colour per class, far apart: a tiny network tells them apart in a few epochs, and crops and flips
+# (the study's augmentation) do not change what identifies a class.
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]])
+TRAIN_PER_BATCH, TEST_IMAGES = 120, 200
+
+
+def synthetic_images(n, rng):
+    """n noisy 32x32 images, classes in turn: uint8 [n, 3072] in CIFAR's row layout (1024 R, 1024 G, 1024 B)."""
+    labels = np.arange(n) % len(CLASSES)
+    images = PALETTE[labels][:, :, None, None] + rng.normal(0, 40, size=(n, 3, 32, 32))
+    return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072), labels.tolist()
+
+
+def build_archive(path, files=None, bytes_keys=False):
+    """Write a .tar.gz in the official layout to `path` and return its md5. `files` maps names under
+    cifar-10-batches-py/ to pickled objects (default: the full synthetic data set)."""
+    if files is None:
+        files = synthetic_batches()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, obj in files.items():
+            if bytes_keys and isinstance(obj, dict):
+                obj = {k.encode(): v for k, v in obj.items()}
+            payload = obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    path.write_bytes(buffer.getvalue())
+    return hashlib.md5(buffer.getvalue()).hexdigest()
+
+
+def synthetic_batches(seed=0):
+    rng = np.random.default_rng(seed)
+    files = {}
+    for i in range(1, 6):
+        data, labels = synthetic_images(TRAIN_PER_BATCH, rng)
+        files[f"data_batch_{i}"] = {"batch_label": f"training batch {i} of 5", "labels": labels, "data": data,
+                                    "filenames": [f"img_{i}_{j}.png" for j in range(len(labels))]}
+    data, labels = synthetic_images(TEST_IMAGES, rng)
+    files["test_batch"] = {"batch_label": "testing batch 1 of 1", "labels": labels, "data": data,
+                           "filenames": [f"test_{j}.png" for j in range(len(labels))]}
+    files["batches.meta"] = {"label_names": CLASSES, "num_cases_per_batch": TRAIN_PER_BATCH, "num_vis": 3072}
+    return files
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a client that hangs up early (a HEAD probe, a failed download) is not the server's error
+
+
+@pytest.fixture(scope="session")
+def archive_dir(tmp_path_factory):
+    """A folder holding cifar-10-python.tar.gz (the synthetic set) and its md5."""
+    folder = tmp_path_factory.mktemp("mirror")
+    md5 = build_archive(folder / "cifar-10-python.tar.gz")
+    (folder / "md5.txt").write_text(md5)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server_url(archive_dir):
+    """Base URL of an HTTP server on 127.0.0.1 that serves archive_dir."""
+    handler = functools.partial(_QuietHandler, directory=str(archive_dir))
+    server = _QuietServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def archive(archive_dir, server_url):
+    """(URL, md5) of the synthetic archive on the local HTTP server."""
+    return f"{server_url}/cifar-10-python.tar.gz", (archive_dir / "md5.txt").read_text()

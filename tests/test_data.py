@@ -1,0 +1,107 @@
+"""Download, checksum, extraction, batch reading and channel statistics."""
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, TEST_IMAGES, TRAIN_PER_BATCH, build_archive, synthetic_batches
+
+from stages.cifar10 import channel_stats, download, load_split, read_batch, read_classes
+from stages.workspace import UserError
+
+
+def assert_nothing_left(data_dir):
+    assert list(data_dir.iterdir()) == [], f"partial output left in {data_dir}: {list(data_dir.iterdir())}"
+
+
+def test_download_over_http_extracts_the_official_layout(tmp_path, archive):
+    url, md5 = archive
+    target = download(url, md5, tmp_path / "data")
+    assert target == tmp_path / "data" / "cifar-10-batches-py"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar-10-batches-py"]  # no archive, no temp
+    images, labels = load_split(target, "train")
+    assert images.shape == (5 * TRAIN_PER_BATCH, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.shape == (5 * TRAIN_PER_BATCH,) and labels.dtype == torch.int64
+    test_images, _ = load_split(target, "test")
+    assert test_images.shape == (TEST_IMAGES, 3, 32, 32)
+    assert read_classes(target) == CLASSES
+
+
+@pytest.mark.parametrize("form", ["path", "file-url"])
+def test_download_from_a_local_copy(tmp_path, archive_dir, form):
+    path = archive_dir / "cifar-10-python.tar.gz"
+    url = str(path) if form == "path" else path.as_uri()
+    download(url, (archive_dir / "md5.txt").read_text(), tmp_path / "data")
+    assert load_split(tmp_path / "data" / "cifar-10-batches-py", "test")[0].shape[0] == TEST_IMAGES
+
+
+def test_wrong_checksum_is_an_error_and_leaves_nothing(tmp_path, archive):
+    url, _ = archive
+    with pytest.raises(UserError, match="md5 is [0-9a-f]{32}, but data.md5 is 0{32}"):
+        download(url, "0" * 32, tmp_path / "data")
+    assert_nothing_left(tmp_path / "data")
+
+
+def test_unreachable_url_is_an_error(tmp_path, server_url):
+    with pytest.raises(UserError, match="could not be downloaded"):
+        download(server_url + "/no-such-file.tar.gz", "0" * 32, tmp_path / "data")
+    assert_nothing_left(tmp_path / "data")
+
+
+def test_archive_without_the_expected_batches_is_an_error(tmp_path):
+    files = synthetic_batches()
+    del files["data_batch_3"], files["test_batch"]
+    md5 = build_archive(tmp_path / "partial.tar.gz", files)
+    with pytest.raises(UserError, match="lacks cifar-10-batches-py/data_batch_3, test_batch"):
+        download(str(tmp_path / "partial.tar.gz"), md5, tmp_path / "data")
+    assert_nothing_left(tmp_path / "data")
+
+
+def test_batches_with_bytes_keys_read_the_same(tmp_path):
+    """Some copies (like the real subset in shared/) pickle their dict keys as bytes."""
+    files = synthetic_batches()
+    build_archive(tmp_path / "a.tar.gz", files)
+    md5 = build_archive(tmp_path / "b.tar.gz", files, bytes_keys=True)
+    download(str(tmp_path / "b.tar.gz"), md5, tmp_path / "data")
+    images, labels = read_batch(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1")
+    expected = files["data_batch_1"]
+    assert torch.equal(images.reshape(len(images), -1), torch.from_numpy(expected["data"]))
+    assert labels.tolist() == expected["labels"]
+    assert read_classes(tmp_path / "data" / "cifar-10-batches-py") == CLASSES
+
+
+def test_rows_are_read_as_red_green_blue_planes(tmp_path):
+    """CIFAR stores each image as 1024 red, then 1024 green, then 1024 blue values, row-major."""
+    row = np.concatenate([np.full(1024, 10), np.full(1024, 20), np.arange(1024) % 256]).astype(np.uint8)
+    files = synthetic_batches()
+    files["data_batch_1"]["data"][0] = row
+    md5 = build_archive(tmp_path / "a.tar.gz", files)
+    download(str(tmp_path / "a.tar.gz"), md5, tmp_path / "data")
+    image = read_batch(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1")[0][0]
+    assert (image[0] == 10).all() and (image[1] == 20).all()
+    assert image[2, 0, 5] == 5 and image[2, 1, 0] == 32  # row-major: the second row starts at index 32
+
+
+def test_channel_stats_on_known_answers():
+    # channel 0: half 0, half 255 -> mean 0.5, std 0.5; channel 1: all 51 -> mean 0.2, std 0;
+    # channel 2: values 0..255 uniformly -> mean 127.5/255, population std sqrt((256^2 - 1) / 12) / 255
+    images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)
+    images[:4, 0] = 255
+    images[:, 1] = 51
+    images[:, 2] = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    mean, std = channel_stats(images)
+    assert mean == pytest.approx([0.5, 0.2, 127.5 / 255], abs=1e-12)
+    assert std == pytest.approx([0.5, 0.0, ((256**2 - 1) / 12) ** 0.5 / 255], abs=1e-12)
+
+
+def test_channel_stats_pool_all_pixels_not_per_image_stds():
+    """Two flat images, 0 and 255: every per-image std is 0, the population std over all pixels is 0.5."""
+    images = torch.stack([torch.zeros(3, 4, 4), torch.full((3, 4, 4), 255.0)]).to(torch.uint8)
+    mean, std = channel_stats(images)
+    assert mean == pytest.approx([0.5] * 3) and std == pytest.approx([0.5] * 3)
+
+
+def test_channel_stats_match_a_float64_computation():
+    images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    x = images.double().div(255).transpose(0, 1).reshape(3, -1)
+    mean, std = channel_stats(images)
+    assert mean == pytest.approx(x.mean(1).tolist(), abs=1e-12)
+    assert std == pytest.approx(x.std(1, correction=0).tolist(), abs=1e-12)

@@ -1,0 +1,56 @@
+"""The ResNet family: parameter counts of the study, the budget, and the checkpoint format."""
+import pytest
+import torch
+
+from stages.model import ResNet, build_model, count_parameters, load_model, save_model
+from stages.workspace import UserError
+
+
+@pytest.mark.parametrize("blocks, widths, expected", [
+    ([2, 1, 1, 1], [64, 128, 256, 512], 4_977_226),  # the study's final model
+    ([6, 5, 4, 3], [32, 64, 128, 256], 4_865_322),
+    ([1, 1, 1, 1], [64, 128, 256, 512], 4_903_242),
+])
+def test_parameter_counts_match_the_study(blocks, widths, expected):
+    assert count_parameters(ResNet(blocks, widths)) == expected
+
+
+def test_forward_gives_ten_logits_and_halves_the_resolution_per_later_stage():
+    model = ResNet([1, 2, 1], [8, 16, 32]).eval()
+    assert model(torch.randn(5, 3, 32, 32)).shape == (5, 10)
+    assert model.stages(model.stem(torch.randn(1, 3, 32, 32))).shape == (1, 32, 8, 8)
+
+
+def test_a_model_over_the_budget_is_an_error():
+    with pytest.raises(UserError, match=r"has 4,977,226 parameters, over model.max_params = 4,000,000"):
+        build_model([2, 1, 1, 1], [64, 128, 256, 512], max_params=4_000_000)
+    assert count_parameters(build_model([2, 1, 1, 1], [64, 128, 256, 512], max_params=4_977_226)) == 4_977_226
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+    model = ResNet([1, 1], [8, 16]).eval()
+    stats = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    save_model(tmp_path / "model.pt", model, stats, ["c"] * 10)
+    rebuilt, rebuilt_stats, classes = load_model(tmp_path / "model.pt")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(rebuilt.eval()(x), model(x))
+    assert rebuilt.config == model.config and rebuilt_stats == stats and classes == ["c"] * 10
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
+
+
+def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="no such checkpoint"):
+        load_model(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="not a readable model checkpoint"):
+        load_model(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="missing classes, config, state_dict, stats"):
+        load_model(tmp_path / "other.pt")
+    model = ResNet([1, 1], [8, 16])
+    save_model(tmp_path / "m.pt", model, {"mean": [0] * 3, "std": [1] * 3}, ["c"] * 10)
+    checkpoint = torch.load(tmp_path / "m.pt")
+    checkpoint["config"]["widths"] = [8, 32]
+    torch.save(checkpoint, tmp_path / "m.pt")
+    with pytest.raises(UserError, match="weights do not fit the architecture"):
+        load_model(tmp_path / "m.pt")

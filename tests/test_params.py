@@ -1,0 +1,89 @@
+"""params.yaml validation: every key checked, errors name the key, the value and what is allowed."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import load_params, validate
+from stages.workspace import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_value(key, value):
+    params = copy.deepcopy(DEFAULTS)
+    section, name = key.split(".")
+    params[section][name] = value
+    return params
+
+
+def test_the_shipped_params_are_valid_and_are_the_study_recipe():
+    params = load_params(REPO / "params.yaml")
+    assert params["model"] == {"blocks": [2, 1, 1, 1], "widths": [64, 128, 256, 512], "max_params": 5_000_000}
+    assert params["train"]["batch_size"] == 400 and params["train"]["max_lr"] == 0.01
+    assert params["train"]["grad_clip"] == 0.1 and params["train"]["epochs"] == 70
+    assert params["data"]["md5"] == "c58f30108f718f92721af3b95e74349a"
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("model.blocks", [2, 0, 1, 1], "non-empty list of integers >= 1"),
+    ("model.blocks", [], "non-empty list of integers >= 1"),
+    ("model.widths", [64, -128, 256, 512], "non-empty list of integers >= 1"),
+    ("model.widths", "64", "non-empty list of integers >= 1"),
+    ("model.max_params", 0, "integer >= 1"),
+    ("train.epochs", 0, "integer >= 1"),
+    ("train.epochs", 2.5, "integer >= 1"),
+    ("train.batch_size", True, "integer >= 1"),
+    ("train.max_lr", 0, "number > 0"),
+    ("train.max_lr", "fast", "number > 0"),
+    ("train.warmup_fraction", 1.0, "number > 0 and < 1"),
+    ("train.weight_decay", -1e-4, "number >= 0"),
+    ("train.grad_clip", -0.1, "number > 0, or false"),
+    ("train.seed", -1, "integer >= 0"),
+    ("data.md5", "abc", "32 hex digits"),
+    ("data.url", "", "non-empty string"),
+])
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, allowed):
+    with pytest.raises(UserError) as error:
+        validate(with_value(key, value))
+    message = str(error.value)
+    assert f"{key} = {value!r}" in message and allowed in message and "\n" not in message
+
+
+def test_unknown_and_missing_keys_are_named():
+    with pytest.raises(UserError, match=r"unknown key train\.learning_rate \(allowed: epochs, batch_size"):
+        validate(with_value("train.learning_rate", 0.1))
+    params = copy.deepcopy(DEFAULTS)
+    del params["train"]["seed"]
+    with pytest.raises(UserError, match=r"train\.seed is missing"):
+        validate(params)
+    with pytest.raises(UserError, match=r"unknown section 'optimizer'"):
+        validate({**DEFAULTS, "optimizer": {}})
+
+
+def test_blocks_and_widths_need_one_entry_per_stage():
+    with pytest.raises(UserError, match=r"model.blocks \[2, 1, 1\] and model.widths \[64, 128, 256, 512\] must have "
+                                        "the same length"):
+        validate(with_value("model.blocks", [2, 1, 1]))
+
+
+def test_grad_clip_can_be_switched_off():
+    assert validate(with_value("train.grad_clip", False))["train"]["grad_clip"] is False
+
+
+def test_exponent_floats_as_dvc_writes_them_are_numbers(tmp_path):
+    """`dvc exp run -S train.weight_decay=1e-5` writes 1e-05, a string to plain PyYAML."""
+    text = (REPO / "params.yaml").read_text().replace("weight_decay: 1.0e-4", "weight_decay: 1e-05")
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml")["train"]["weight_decay"] == 1e-5
+
+
+def test_unreadable_params_files_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML") as error:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(error.value)
