@@ -8,7 +8,7 @@ from .augment import Normalizer
 from .cifar10 import load_split
 from .model import load_model
 from .params import load_params
-from .training import evaluate, pick_device
+from .training import bf16_supported, evaluate, pick_device
 from .workspace import BATCHES_DIR, CONFUSION_FILE, MODEL_FILE, TEST_METRICS_FILE, run, write_json
 
 BATCH_SIZE = 1000
@@ -21,12 +21,15 @@ def per_class_accuracy(labels, predictions, num_classes):
 
 def main():
     load_params()
-    model, stats, classes = load_model(MODEL_FILE)
+    model, checkpoint = load_model(MODEL_FILE)
+    stats, classes = checkpoint["stats"], checkpoint["classes"]
     images, labels = load_split(BATCHES_DIR, "test")
     device = pick_device()
+    # the training's own precision, so the test accuracy is the final validation accuracy
+    precision = checkpoint["precision"] if checkpoint["precision"] == "fp32" or bf16_supported(device) else "fp32"
     model = model.to(device, memory_format=torch.channels_last)
     loss, accuracy, predictions = evaluate(model, images.to(device), labels.to(device),
-                                           Normalizer(stats["mean"], stats["std"], device), BATCH_SIZE)
+                                           Normalizer(stats["mean"], stats["std"], device), BATCH_SIZE, precision)
     predictions = predictions.cpu()
     per_class = per_class_accuracy(labels, predictions, len(classes))
     write_json(TEST_METRICS_FILE, {"accuracy": accuracy.item(), "loss": loss.item(),

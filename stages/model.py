@@ -71,20 +71,22 @@ def build_model(blocks, widths, max_params):
     return model
 
 
-def save_model(path, model, stats, classes):
-    """Everything evaluate needs to rebuild the model: weights, architecture and normalization."""
+def save_model(path, model, stats, classes, precision):
+    """Everything evaluate needs to rebuild the model: weights, architecture, normalization, class names
+    and the precision it was trained (and validated) in."""
     checkpoint = {
         "config": model.config,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "stats": stats,
         "classes": list(classes),
+        "precision": precision,
     }
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 
 
 def load_model(path):
-    """Rebuild (model, stats, classes) from a checkpoint written by save_model."""
+    """Rebuild (model, checkpoint) from a file written by save_model."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint; run the train stage first (dvc repro train)")
@@ -92,7 +94,8 @@ def load_model(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or foreign file
         raise UserError(f"{path}: not a readable model checkpoint ({type(e).__name__}: {e})".splitlines()[0])
-    missing = {"config", "state_dict", "stats", "classes"} - set(checkpoint if isinstance(checkpoint, dict) else {})
+    keys = checkpoint if isinstance(checkpoint, dict) else {}
+    missing = {"config", "state_dict", "stats", "classes", "precision"} - set(keys)
     if missing:
         raise UserError(f"{path}: not a checkpoint of this project (missing {', '.join(sorted(missing))})")
     config = checkpoint["config"]
@@ -101,4 +104,4 @@ def load_model(path):
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as e:
         raise UserError(f"{path}: weights do not fit the architecture {config} ({str(e).splitlines()[0]})")
-    return model, checkpoint["stats"], checkpoint["classes"]
+    return model, checkpoint

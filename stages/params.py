@@ -59,6 +59,18 @@ def _md5(v):
         return "must be an md5 checksum of 32 hex digits"
 
 
+def _one_of(*choices):
+    def check(v):
+        if v not in choices:
+            return "must be one of " + ", ".join(choices)
+    return check
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        return "must be true or false"
+
+
 def _positive_or_off(v):
     if v is False or v is None:
         return None
@@ -77,6 +89,8 @@ SCHEMA = {
         "weight_decay": _number(at_least=0),
         "grad_clip": _positive_or_off,
         "seed": _int(0),
+        "precision": _one_of("auto", "bf16", "fp32"),
+        "compile": _bool,
     },
 }
 

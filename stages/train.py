@@ -16,7 +16,16 @@ from .augment import Normalizer, reflect_pad
 from .cifar10 import load_split, read_classes
 from .model import build_model, count_parameters, save_model
 from .params import load_params
-from .training import evaluate, make_optimizer, make_scheduler, pick_device, steps_per_epoch, train_epoch
+from .training import (
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    pick_device,
+    prepare_model,
+    resolve_precision,
+    steps_per_epoch,
+    train_epoch,
+)
 from .workspace import BATCHES_DIR, MODEL_FILE, STATS_FILE, SUMMARY_FILE, TRAIN_LOG_DIR, read_json, run, write_text
 
 PAD = 4  # reflect-pad 4, then random 32x32 crops
@@ -43,26 +52,29 @@ def main():
     write_text(SUMMARY_FILE, layer_table(model))
 
     device = pick_device()
+    train = {**train, "precision": resolve_precision(train["precision"], device)}
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     # The whole data set stays on the device as uint8; the reflect padding never changes, so pad once.
     padded = reflect_pad(train_images.to(device), PAD)
     train_labels, test_images, test_labels = train_labels.to(device), test_images.to(device), test_labels.to(device)
     normalize = Normalizer(stats["mean"], stats["std"], device)
-    model = model.to(device, memory_format=torch.channels_last)
+    model, step_model = prepare_model(model, device, train["compile"])
     optimizer = make_optimizer(model, train)
     scheduler = make_scheduler(optimizer, train, steps_per_epoch(len(train_labels), train["batch_size"]))
     generator = torch.Generator(device).manual_seed(train["seed"])
-    print(f"training {num_params:,} parameters on {device}: {len(train_labels)} train / {len(test_labels)} test images")
+    print(f"training {num_params:,} parameters on {device} in {train['precision']}"
+          f"{', compiled' if train['compile'] else ''}: {len(train_labels)} train / {len(test_labels)} test images")
 
     start, train_seconds, best_val_acc = time.perf_counter(), 0.0, 0.0
     with Live(dir=str(TRAIN_LOG_DIR), dvcyaml=False, save_dvc_exp=False) as live:
         for epoch in range(1, train["epochs"] + 1):
             epoch_start = time.perf_counter()
-            train_loss, train_acc = train_epoch(model, optimizer, scheduler, padded, train_labels, normalize, train,
-                                                generator, desc=f"epoch {epoch}/{train['epochs']}")
+            train_loss, train_acc = train_epoch(step_model, optimizer, scheduler, padded, train_labels, normalize,
+                                                train, generator, desc=f"epoch {epoch}/{train['epochs']}")
             train_loss, train_acc = train_loss.item(), train_acc.item()  # one host sync per epoch
             train_seconds += time.perf_counter() - epoch_start
-            val_loss, val_acc, _ = evaluate(model, test_images, test_labels, normalize, train["batch_size"])
+            val_loss, val_acc, _ = evaluate(step_model, test_images, test_labels, normalize, train["batch_size"],
+                                            train["precision"])
             val_loss, val_acc = val_loss.item(), val_acc.item()
             best_val_acc = max(best_val_acc, val_acc)
             lr = scheduler.get_last_lr()[0]
@@ -81,7 +93,7 @@ def main():
                           "images_per_s": round(train["epochs"] * len(train_labels) / train_seconds, 1)}
         for name, value in summary_values.items():
             live.log_metric(name, value, plot=False)
-    save_model(MODEL_FILE, model, {"mean": stats["mean"], "std": stats["std"]}, classes)
+    save_model(MODEL_FILE, model, {"mean": stats["mean"], "std": stats["std"]}, classes, train["precision"])
     print(f"final val acc {val_acc:.4f}, best {best_val_acc:.4f}, {wall_seconds:.0f} s; saved {MODEL_FILE}")
 
 

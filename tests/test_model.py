@@ -30,11 +30,12 @@ def test_a_model_over_the_budget_is_an_error():
 def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
     model = ResNet([1, 1], [8, 16]).eval()
     stats = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
-    save_model(tmp_path / "model.pt", model, stats, ["c"] * 10)
-    rebuilt, rebuilt_stats, classes = load_model(tmp_path / "model.pt")
+    save_model(tmp_path / "model.pt", model, stats, ["c"] * 10, "bf16")
+    rebuilt, checkpoint = load_model(tmp_path / "model.pt")
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(rebuilt.eval()(x), model(x))
-    assert rebuilt.config == model.config and rebuilt_stats == stats and classes == ["c"] * 10
+    assert rebuilt.config == model.config and checkpoint["stats"] == stats and checkpoint["classes"] == ["c"] * 10
+    assert checkpoint["precision"] == "bf16"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
 
 
@@ -45,10 +46,10 @@ def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="not a readable model checkpoint"):
         load_model(tmp_path / "junk.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(UserError, match="missing classes, config, state_dict, stats"):
+    with pytest.raises(UserError, match="missing classes, config, precision, state_dict, stats"):
         load_model(tmp_path / "other.pt")
     model = ResNet([1, 1], [8, 16])
-    save_model(tmp_path / "m.pt", model, {"mean": [0] * 3, "std": [1] * 3}, ["c"] * 10)
+    save_model(tmp_path / "m.pt", model, {"mean": [0] * 3, "std": [1] * 3}, ["c"] * 10, "fp32")
     checkpoint = torch.load(tmp_path / "m.pt")
     checkpoint["config"]["widths"] = [8, 32]
     torch.save(checkpoint, tmp_path / "m.pt")

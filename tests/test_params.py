@@ -42,6 +42,8 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     ("train.weight_decay", -1e-4, "number >= 0"),
     ("train.grad_clip", -0.1, "number > 0, or false"),
     ("train.seed", -1, "integer >= 0"),
+    ("train.precision", "fp16", "one of auto, bf16, fp32"),
+    ("train.compile", "yes", "true or false"),
     ("data.md5", "abc", "32 hex digits"),
     ("data.url", "", "non-empty string"),
 ])

@@ -23,9 +23,10 @@ OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/m
 
 
 def run(repo, *args):
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
-           "GIT_COMMITTER_EMAIL": "test@example.com"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python` in dvc.yaml is this one
+    git_user = {f"GIT_{role}_{field}": value for role in ["AUTHOR", "COMMITTER"]
+                for field, value in [("NAME", "test"), ("EMAIL", "test@example.com")]}
+    env = {**os.environ, **git_user, "DVC_NO_ANALYTICS": "1", "PATH": path}
     result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr

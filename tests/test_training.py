@@ -6,10 +6,19 @@ from conftest import build_archive, synthetic_batches
 from stages.augment import Normalizer, reflect_pad
 from stages.cifar10 import channel_stats, download, load_split
 from stages.model import ResNet
-from stages.training import evaluate, make_optimizer, make_scheduler, steps_per_epoch, train_epoch
+from stages.training import (
+    bf16_supported,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    prepare_model,
+    resolve_precision,
+    steps_per_epoch,
+    train_epoch,
+)
 
 TRAIN = {"epochs": 4, "batch_size": 50, "max_lr": 0.01, "warmup_fraction": 0.3, "weight_decay": 1e-4,
-         "grad_clip": 0.1, "seed": 0}
+         "grad_clip": 0.1, "seed": 0, "precision": "fp32", "compile": False}
 
 
 def test_one_cycle_warms_up_to_max_lr_at_30_percent_then_anneals_to_near_zero():
@@ -54,8 +63,8 @@ def train_tiny(synthetic, seed):
     padded = reflect_pad(train_images, 4)
     history = [train_epoch(model, optimizer, scheduler, padded, train_labels, normalize, train, generator)
                for _ in range(train["epochs"])]
-    loss, acc, _ = evaluate(model, test_images, test_labels, normalize, 100)
-    return [(l.item(), a.item()) for l, a in history], loss.item(), acc.item()
+    loss, acc, _ = evaluate(model, test_images, test_labels, normalize, 100, "fp32")
+    return [(epoch_loss.item(), epoch_acc.item()) for epoch_loss, epoch_acc in history], loss.item(), acc.item()
 
 
 def test_a_tiny_model_learns_the_synthetic_classes_reproducibly(synthetic):
@@ -64,3 +73,32 @@ def test_a_tiny_model_learns_the_synthetic_classes_reproducibly(synthetic):
     assert history[-1][0] < history[0][0]
     assert train_tiny(synthetic, seed=0) == (history, loss, acc)  # same seed on CPU: the same numbers
     assert train_tiny(synthetic, seed=1)[0] != history
+
+
+def test_bf16_autocasts_the_forward_pass_and_keeps_fp32_weights_and_batchnorm_statistics(synthetic):
+    (images, labels), _ = synthetic
+    model = ResNet([1, 1], [8, 16]).to(memory_format=torch.channels_last)
+    train = {**TRAIN, "precision": "bf16", "epochs": 1}
+    optimizer = make_optimizer(model, train)
+    scheduler = make_scheduler(optimizer, train, steps_per_epoch=2)
+    logits_dtypes = []
+    model.head.register_forward_hook(lambda module, inputs, output: logits_dtypes.append(output.dtype))
+    train_epoch(model, optimizer, scheduler, reflect_pad(images[:100], 4), labels[:100],
+                Normalizer(*channel_stats(images), "cpu"), train, torch.Generator().manual_seed(0))
+    assert logits_dtypes == [torch.bfloat16, torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(b.dtype == torch.float32 for name, b in model.named_buffers() if "running" in name)
+    assert all(s.dtype == torch.float32 for state in optimizer.state.values() for s in state.values() if s.ndim)
+
+
+def test_auto_precision_is_bf16_only_where_the_device_supports_it():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if bf16_supported(cpu) else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_compiled_step_model_shares_the_saved_model_parameters():
+    model, step_model = prepare_model(ResNet([1], [8]), torch.device("cpu"), compile=True)
+    assert step_model is not model and step_model._orig_mod is model
+    assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert prepare_model(ResNet([1], [8]), torch.device("cpu"), compile=False)[1].__class__ is ResNet
