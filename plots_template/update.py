@@ -104,7 +104,8 @@ def licence_text(meta, text):
             f"package.json but ships no LICENSE file.\nThe licence text is in its repository: {repository}\n")
 
 
-def build(tarballs):
+def build(tarballs, out_dir=HERE):
+    """Write out_dir/index.html and out_dir/licenses/ from the npm tarballs of PACKAGES."""
     packages = {}
     for tarball in tarballs:
         meta, code, text = read_package(tarball)
@@ -112,20 +113,22 @@ def build(tarballs):
     missing = set(PACKAGES) - set(packages)
     if missing:
         sys.exit(f"error: no tarball of {', '.join(sorted(missing))}")
-    licenses = HERE / "licenses"
-    licenses.mkdir(exist_ok=True)
-    tags, versions = [], []
+    tags, versions, licences = [], [], {}
     for name in PACKAGES:  # vega-embed needs vega and vega-lite loaded first
         meta, code, text = packages[name]
         if code is None:
             sys.exit(f"error: {name} {meta['version']} has no build/{name}.min.js")
         tags.append(script_tag(name, code))
         versions.append(f"{name} {meta['version']} ({meta['license']})")
-        (licenses / f"{name}.LICENSE").write_text(licence_text(meta, text))
+        licences[name] = licence_text(meta, text)
     page = PAGE.format(versions=", ".join(versions), scripts="\n".join(tags),
                        refresh_tag="{refresh_tag}", plot_divs="{plot_divs}")
-    (HERE / "index.html").write_text(page, encoding="utf8")
-    print(f"wrote {HERE / 'index.html'} ({len(page) // 1024} KiB): {', '.join(versions)}")
+    # written only once every package checked out, so a failed update leaves the old template whole
+    (Path(out_dir) / "licenses").mkdir(parents=True, exist_ok=True)
+    for name, text in licences.items():
+        (Path(out_dir) / "licenses" / f"{name}.LICENSE").write_text(text)
+    (Path(out_dir) / "index.html").write_text(page, encoding="utf8")
+    print(f"wrote {Path(out_dir) / 'index.html'} ({len(page) // 1024} KiB): {', '.join(versions)}")
 
 
 def main():

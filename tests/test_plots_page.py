@@ -19,7 +19,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--window-size=1400,1000",
                   "--host-resolver-rules=MAP * ~NOTFOUND"]  # no name resolves: a page that needs a CDN fails here
 RENDER_TIMEOUT_S = 60
-TEMPLATE = REPO / "plots_template" / "index.html"
 
 
 def declared_plots():
@@ -56,18 +55,6 @@ def repo(tmp_path_factory, archive):
     run(repo, "git", "commit", "-qm", "baseline")
     output = dvc(repo, "exp", "run", "-S", "model.blocks=[1,1,1,1]")
     return repo, re.search(r"Ran experiment\(s\): (\S+)", output).group(1)
-
-
-def test_the_config_points_dvc_at_the_offline_template():
-    config = (REPO / ".dvc" / "config").read_text()
-    setting = re.search(r"html_template\s*=\s*(\S+)", config)
-    assert setting, ".dvc/config sets no plots.html_template"
-    assert (REPO / ".dvc" / setting.group(1)).resolve() == TEMPLATE  # DVC resolves it against .dvc/
-    page = TEMPLATE.read_text()
-    assert "{plot_divs}" in page and "{scripts}" not in page  # {scripts} would bring back DVC's CDN tags
-    assert not re.search(r"<script[^>]*\bsrc=", page), "the template loads a script from elsewhere"
-    for package in ["vega", "vega-lite", "vega-embed"]:
-        assert (REPO / "plots_template" / "licenses" / f"{package}.LICENSE").is_file(), package
 
 
 def test_every_declared_plot_has_data_and_its_fields(repo):
