@@ -1,19 +1,11 @@
 """End to end: the real dvc.yaml run by DVC itself in a temporary git repository, on the synthetic archive
 served from 127.0.0.1, with a tiny model. The tests run in order and share the repository."""
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
+from conftest import dvc, run, set_params, tiny_pipeline_repo
 
-REPO = Path(__file__).resolve().parent.parent
-TRACKED = ["stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
-           "data/.gitignore", "models/.gitignore", "metrics/.gitignore", "plots/.gitignore"]
 TIMING = {"wall_time_s", "images_per_s"}  # measurements of the machine, not results of the training
 OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/model.pt", "models/summary.txt",
            "metrics/train/metrics.json", "metrics/train/plots/metrics/train/loss.tsv",
@@ -22,31 +14,8 @@ OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/m
            "plots/lr.png", "plots/confusion.png", "plots/per_class_accuracy.png"]
 
 
-def run(repo, *args):
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python` in dvc.yaml is this one
-    git_user = {f"GIT_{role}_{field}": value for role in ["AUTHOR", "COMMITTER"]
-                for field, value in [("NAME", "test"), ("EMAIL", "test@example.com")]}
-    env = {**os.environ, **git_user, "DVC_NO_ANALYTICS": "1", "PATH": path}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-def dvc(repo, *args):
-    return run(repo, sys.executable, "-m", "dvc", *args)
-
-
 def stages_run(output):
     return set(re.findall(r"Running stage '(\w+)'", output))
-
-
-def set_params(repo, **changes):
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in changes.items():
-        section, name = key.split("__")
-        params[section][name] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def read_json(repo, path):
@@ -59,22 +28,7 @@ def results(metrics):
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, archive):
-    """A git repository holding this project's tracked files, pointed at the synthetic archive, tiny settings."""
-    repo = tmp_path_factory.mktemp("pipeline")
-    for name in TRACKED:
-        source, target = REPO / name, repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, target)
-    url, md5 = archive
-    set_params(repo, data__url=url, data__md5=md5, model__widths=[8, 16, 32, 64], train__epochs=3,
-               train__batch_size=50)
-    run(repo, "git", "init", "-q")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "pipeline")
-    return repo
+    return tiny_pipeline_repo(tmp_path_factory.mktemp("pipeline"), archive)
 
 
 def test_repro_runs_every_stage_and_the_tiny_model_learns(repo):

@@ -1,0 +1,174 @@
+"""The pages `dvc plots show` and `dvc plots diff` write, on a tiny pipeline run: every plot dvc.yaml declares
+has data behind it, and the page, opened with no network in headless Chromium, draws every chart.
+
+The browser tests skip only where no Chromium binary exists; a screenshot of each page is saved under
+tests/artifacts/."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CLASSES, REPO, dvc, run, set_params, tiny_pipeline_repo
+
+ARTIFACTS = REPO / "tests" / "artifacts"
+BROWSERS = ["chromium", "chromium-browser", "google-chrome"]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1000",
+                  "--host-resolver-rules=MAP * ~NOTFOUND"]  # no name resolves: a page that needs a CDN fails here
+RENDER_TIMEOUT_S = 60
+
+
+def declared_plots():
+    """dvc.yaml's plots: {id: definition} for the vega plots (dicts), and the list of image paths."""
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    vega = {plot_id: spec for entry in plots if isinstance(entry, dict) for plot_id, spec in entry.items()}
+    images = [entry for entry in plots if isinstance(entry, str)]
+    return vega, images
+
+
+def encoded_fields(spec):
+    """Every field an x or y channel of a Vega-Lite spec names, in any layer or facet."""
+    fields = set()
+    if isinstance(spec, dict):
+        for channel in ("x", "y"):
+            field = spec.get("encoding", {}).get(channel, {}).get("field")
+            if field:
+                fields.add(field)
+        for value in spec.values():
+            fields |= encoded_fields(value)
+    elif isinstance(spec, list):
+        for value in spec:
+            fields |= encoded_fields(value)
+    return fields
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, archive):
+    """A tiny pipeline run committed as the baseline, and one experiment on top: (repo, experiment name)."""
+    repo = tiny_pipeline_repo(tmp_path_factory.mktemp("plots-page"), archive)
+    set_params(repo, train__epochs=2)
+    dvc(repo, "repro")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "baseline")
+    output = dvc(repo, "exp", "run", "-S", "model.blocks=[1,1,1,1]")
+    return repo, re.search(r"Ran experiment\(s\): (\S+)", output).group(1)
+
+
+def test_every_declared_plot_has_data_and_its_fields(repo):
+    repo, _ = repo
+    shown = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
+    vega, images = declared_plots()
+    assert set(shown) == set(vega) | set(images)
+    for plot_id, declared in vega.items():
+        spec = shown[plot_id][0]["content"]
+        values = spec["data"]["values"]
+        assert values, f"{plot_id}: no data"
+        y_fields = set(declared["y"].values())
+        assert {declared["x"]} | y_fields <= encoded_fields(spec), plot_id
+        for field in encoded_fields(spec):
+            assert all(field in datum for datum in values), f"{plot_id}: a datum lacks {field!r}"
+        if len(declared["y"]) > 1:  # each declared file contributes its own curve
+            files = {datum["filename"] for datum in values}
+            assert len(files) == len(declared["y"]), plot_id
+            assert all(any(path.endswith(name) for name in files) for path in declared["y"]), (plot_id, files)
+    for path in images:
+        url = Path(shown[path][0]["url"])
+        assert url.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium through Selenium, with no network; skips only if no Chromium is installed."""
+    binary = next(filter(None, map(shutil.which, BROWSERS)), None)
+    if binary is None:
+        pytest.skip(f"no Chromium binary ({', '.join(BROWSERS)}) on PATH; install Debian's chromium and "
+                    "chromium-driver, as .ci/run does")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver")
+    assert driver_path, f"{binary} is installed but chromedriver is not (Debian: apt-get install chromium-driver)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    yield driver
+    driver.quit()
+
+
+# Per element with an id in arguments[0] (vega-embed replaces the script DVC put in it): whether it exists,
+# what the template recorded (data-vega), its text, and its data marks that have a shape (role-mark groups:
+# lines, rects, points, texts; not axes or legends).
+CHARTS_JS = """
+return arguments[0].map(id => [id, document.getElementById(id)]).map(([id, div]) => !div ? {id: id} : ({
+        id: id,
+        status: div.dataset.vega || null,
+        text: div.innerText,
+        svg: div.querySelectorAll("svg").length,
+        marks: Array.from(div.querySelectorAll("svg g.role-mark > path, svg g.role-mark > text"))
+            .filter(m => (m.getAttribute("d") || m.textContent || "").trim() !== "").length,
+        lines: div.querySelectorAll("svg g.mark-line.role-mark > path[d]").length,
+        rects: div.querySelectorAll("svg g.mark-rect.role-mark > path[d]").length,
+    }));
+"""
+IMAGES_JS = """
+return Array.from(document.images).map(img => ({src: img.getAttribute("src"), width: img.naturalWidth,
+                                                complete: img.complete}));
+"""
+
+
+def render(browser, page, chart_ids, screenshot):
+    """Open `page`, wait until each chart of `chart_ids` has finished (rendered or failed), save a full-page
+    screenshot; return the charts and images as CHARTS_JS and IMAGES_JS describe them."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(page.as_uri())
+    try:
+        WebDriverWait(browser, RENDER_TIMEOUT_S).until(
+            lambda b: all(chart.get("status") for chart in b.execute_script(CHARTS_JS, chart_ids)))
+    except TimeoutException:
+        charts = browser.execute_script(CHARTS_JS, chart_ids)
+        console = [entry["message"] for entry in browser.get_log("browser")]
+        pytest.fail(f"{page}: charts not drawn after {RENDER_TIMEOUT_S} s: {charts}; console: {console}")
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1400, min(height + 100, 10000))
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(screenshot))
+    print(f"screenshot of {page.name}: {screenshot}")
+    return browser.execute_script(CHARTS_JS, chart_ids), browser.execute_script(IMAGES_JS)
+
+
+def check_page(browser, page, screenshot, revisions):
+    """Every declared vega plot drew marks with no error, with one line per revision and file in the curves,
+    and every image plot of every revision loaded."""
+    vega, declared_images = declared_plots()
+    charts, images = render(browser, page, list(vega), screenshot)  # DVC's div ids: these ids have no odd chars
+    console = [entry["message"] for entry in browser.get_log("browser")]
+    for chart, declared in zip(charts, vega.values()):
+        assert chart["status"] == "rendered" and "Error" not in chart["text"], (chart, console)
+        assert chart["svg"] and chart["marks"] > 0, chart
+        if declared["template"] == "linear":  # a curve per revision and file
+            assert chart["lines"] >= revisions * len(declared["y"]), chart
+        if declared["template"] == "confusion":  # at least a cell per actual class, per revision
+            assert chart["rects"] >= revisions * len(CLASSES), chart
+    assert len(images) == revisions * len(declared_images), images
+    for image in images:
+        assert image["complete"] and image["width"] > 0, f"{page}: image {image['src']} did not load"
+
+
+def test_plots_show_page_draws_every_chart_offline(browser, repo):
+    repo, _ = repo
+    dvc(repo, "plots", "show")
+    check_page(browser, repo / "dvc_plots" / "index.html", ARTIFACTS / "plots_show.png", revisions=1)
+
+
+def test_plots_diff_page_of_two_experiments_draws_every_chart_offline(browser, repo):
+    repo, experiment = repo
+    dvc(repo, "plots", "diff", "HEAD", experiment, "-o", "compare")
+    check_page(browser, repo / "compare" / "index.html", ARTIFACTS / "plots_diff.png", revisions=2)
