@@ -1,11 +1,13 @@
 """Matplotlib figures of a training run: curves per epoch, confusion matrix, per-class accuracy."""
 import csv
+import io
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .workspace import UserError, atomic_path  # noqa: E402
@@ -15,11 +17,15 @@ def read_curve(path):
     """A DVCLive metric history (TSV with 'step' and the metric's own column) -> (steps, values)."""
     path = Path(path)
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+        text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"{path}: missing; run the train stage first (dvc repro train)")
-    column = path.stem
+    return parse_curve(text, path.stem)
+
+
+def parse_curve(text, column):
+    """The text of a DVCLive TSV -> (steps, values of `column`)."""
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
     return [int(r["step"]) for r in rows], [float(r[column]) for r in rows]
 
 
@@ -73,4 +79,38 @@ def plot_per_class(accuracy, path):
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("test accuracy")
     ax.tick_params(axis="x", rotation=45)
+    _save(fig, path)
+
+
+def _count(x, _position=None):
+    """Tick label of a parameter count: 50k, 1M, 2.5M."""
+    return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e3 else f"{x:g}"
+
+
+def plot_accuracy_vs_params(points, path):
+    """Test accuracy against parameter count (log scale), one labelled point per experiment.
+    `points`: dicts with name, params, accuracy, blocks, widths, weight_decay."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    decays = sorted({p["weight_decay"] for p in points})
+    colours = {wd: plt.cm.viridis(i / max(1, len(decays) - 1)) for i, wd in enumerate(decays)}
+    for wd in decays:
+        group = [p for p in points if p["weight_decay"] == wd]
+        ax.scatter([p["params"] for p in group], [p["accuracy"] for p in group], color=colours[wd], s=50,
+                   label=f"weight decay {wd:g}", zorder=3)
+    for p in points:
+        shape = f"{''.join(map(str, p['blocks']))} × {p['widths'][0]}..{p['widths'][-1]}"
+        ax.annotate(f"{p['name']} ({shape})", (p["params"], p["accuracy"]), xytext=(6, 4),
+                    textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    sizes = [p["params"] for p in points]
+    ax.set_xlim(min(sizes) / 2, max(sizes) * 2)  # at least two decades' ticks, room for the labels
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(_count))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("test accuracy against model size (labels: blocks per stage × widths)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(y=0.1)
     _save(fig, path)

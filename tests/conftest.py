@@ -1,26 +1,15 @@
 """Shared fixtures: a small synthetic CIFAR-10 archive in the official layout, served over HTTP on 127.0.0.1,
-so the real download, checksum and extraction code runs without the internet; and a temporary git repository
-of this project, pointed at it with tiny settings, for DVC to run the real dvc.yaml in."""
+so the real download, checksum and extraction code runs without the internet."""
 import functools
 import hashlib
 import http.server
 import io
-import os
 import pickle
-import shutil
-import subprocess
-import sys
 import tarfile
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-TRACKED = ["stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
-           "data/.gitignore", "models/.gitignore", "metrics/.gitignore", "plots/.gitignore", "plots_template"]
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # One colour per class, far apart: a tiny network tells them apart in a few epochs, and crops and flips
@@ -103,44 +92,3 @@ def archive(archive_dir, server_url):
     """(URL, md5) of the synthetic archive on the local HTTP server."""
     return f"{server_url}/cifar-10-python.tar.gz", (archive_dir / "md5.txt").read_text()
 
-
-def run(repo, *args):
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python` in dvc.yaml is this one
-    git_user = {f"GIT_{role}_{field}": value for role in ["AUTHOR", "COMMITTER"]
-                for field, value in [("NAME", "test"), ("EMAIL", "test@example.com")]}
-    env = {**os.environ, **git_user, "DVC_NO_ANALYTICS": "1", "PATH": path}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-def dvc(repo, *args):
-    return run(repo, sys.executable, "-m", "dvc", *args)
-
-
-def set_params(repo, **changes):
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in changes.items():
-        section, name = key.split("__")
-        params[section][name] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def tiny_pipeline_repo(repo, archive):
-    """A git repository at `repo` holding this project's tracked files, pointed at the synthetic archive, with
-    tiny settings; nothing run yet."""
-    for name in TRACKED:
-        source, target = REPO / name, repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, target)
-    url, md5 = archive
-    set_params(repo, data__url=url, data__md5=md5, model__widths=[8, 16, 32, 64], train__epochs=3,
-               train__batch_size=50)
-    run(repo, "git", "init", "-q")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "pipeline")
-    return repo

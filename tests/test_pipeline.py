@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from conftest import dvc, run, set_params, tiny_pipeline_repo
+from dvcrepo import assert_curves_overlaid, dvc, make_repo, read_json, run, set_params
 
 TIMING = {"wall_time_s", "images_per_s"}  # measurements of the machine, not results of the training
 OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/model.pt", "models/summary.txt",
@@ -18,17 +18,14 @@ def stages_run(output):
     return set(re.findall(r"Running stage '(\w+)'", output))
 
 
-def read_json(repo, path):
-    return json.loads((repo / path).read_text())
-
-
 def results(metrics):
     return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, archive):
-    return tiny_pipeline_repo(tmp_path_factory.mktemp("pipeline"), archive)
+    """A git repository holding this project's tracked files, pointed at the synthetic archive, tiny settings."""
+    return make_repo(tmp_path_factory.mktemp("pipeline"), archive)
 
 
 def test_repro_runs_every_stage_and_the_tiny_model_learns(repo):
@@ -84,10 +81,7 @@ def test_an_experiment_reruns_only_what_it_changes_and_compares(repo):
     assert "metrics/train/metrics.json" in dvc(repo, "metrics", "show")
 
     # two experiments' curves overlay in one plot
-    plots = json.loads(dvc(repo, "plots", "diff", "HEAD", experiment, "--json"))["data"]
-    for plot_id in ["loss", "accuracy", "learning_rate"]:
-        values = plots[plot_id][0]["content"]["data"]["values"]
-        assert {v["rev"] for v in values} == {"HEAD", experiment}, plot_id
+    assert_curves_overlaid(repo, "HEAD", experiment)
 
 
 def test_plots_show_renders_every_declared_plot(repo):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CLASSES, REPO, dvc, run, set_params, tiny_pipeline_repo
+from conftest import CLASSES
+from dvcrepo import REPO, dvc, make_repo, run
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 BROWSERS = ["chromium", "chromium-browser", "google-chrome"]
@@ -48,8 +49,7 @@ def encoded_fields(spec):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, archive):
     """A tiny pipeline run committed as the baseline, and one experiment on top: (repo, experiment name)."""
-    repo = tiny_pipeline_repo(tmp_path_factory.mktemp("plots-page"), archive)
-    set_params(repo, train__epochs=2)
+    repo = make_repo(tmp_path_factory.mktemp("plots-page"), archive, train__epochs=2)
     dvc(repo, "repro")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline")

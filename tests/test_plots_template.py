@@ -5,7 +5,7 @@ import re
 import tarfile
 
 import pytest
-from conftest import REPO
+from dvcrepo import REPO
 
 from plots_template.update import PACKAGES, build
 

@@ -1,0 +1,141 @@
+"""Compare the DVC experiments of the current commit: `python -m stages.compare [--out DIR] [--curves NAME ...]`.
+
+Reads every experiment through DVC's Python API (dvc.api.exp_show for the table, dvc.api.read for each
+experiment's validation curve) and writes, to --out (default reports/):
+  experiments.md          one row per experiment with results: shape, weight decay, parameters, accuracy, time
+  accuracy_vs_params.png  test accuracy against parameter count, every experiment
+  val_acc.png             the validation-accuracy curves of the chosen experiments (--curves; default all)"""
+import argparse
+from pathlib import Path
+
+import yaml
+
+from .figures import parse_curve, plot_accuracy_vs_params, plot_curves
+from .workspace import CURVES_DIR, TEST_METRICS_FILE, TRAIN_LOG_DIR, UserError, run, write_text
+
+TRAIN_METRICS = str(TRAIN_LOG_DIR / "metrics.json")
+TEST_METRICS = str(TEST_METRICS_FILE)
+VAL_ACC = (CURVES_DIR / "val" / "acc.tsv").as_posix()
+OUT_DIR = Path("reports")
+
+# record key -> (file, column) in exp_show's rows
+COLUMNS = {
+    "blocks": ("params.yaml", "model.blocks"),
+    "widths": ("params.yaml", "model.widths"),
+    "weight_decay": ("params.yaml", "train.weight_decay"),
+    "epochs": ("params.yaml", "train.epochs"),
+    "params": (TRAIN_METRICS, "params"),
+    "accuracy": (TEST_METRICS, "accuracy"),
+    "best_val_acc": (TRAIN_METRICS, "best_val_acc"),
+    "wall_time_s": (TRAIN_METRICS, "wall_time_s"),
+    "images_per_s": (TRAIN_METRICS, "images_per_s"),
+}
+
+
+def _cell(row, file, column):
+    """exp_show names a column by its key alone, or `file:key` when two files share the key."""
+    value = row.get(f"{file}:{column}", row.get(column))
+    if isinstance(value, str):  # lists come as text ("[2, 1, 1, 1]"); "!" or "-" mean no value
+        value = yaml.safe_load(value) if value.startswith("[") else None
+    return value
+
+
+def experiments(rows):
+    """exp_show's rows -> one record per experiment (or baseline commit) with a test accuracy, and the
+    names of those without one (queued, running, failed)."""
+    records, pending = [], []
+    for row in rows:
+        if row.get("rev") == "workspace":
+            continue
+        name = row.get("Experiment") or row["rev"]
+        record = {"name": name, "rev": row["rev"]}
+        record.update({key: _cell(row, *where) for key, where in COLUMNS.items()})
+        if not isinstance(record["accuracy"], (int, float)) or not isinstance(record["params"], (int, float)):
+            if row.get("typ") != "baseline":
+                pending.append(f"{name} ({row.get('State') or 'no results'})")
+            continue
+        record["params"] = int(record["params"])
+        record["epochs"] = int(record["epochs"]) if record["epochs"] is not None else None
+        records.append(record)
+    return records, pending
+
+
+def _number(value, fmt):
+    return "–" if value is None else format(value, fmt)
+
+
+def markdown_table(records):
+    header = ["experiment", "rev", "blocks", "widths", "weight decay", "epochs", "parameters", "test accuracy",
+              "best val accuracy", "train time (s)", "images/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(records, key=lambda r: -r["accuracy"]):
+        cells = [r["name"], r["rev"], str(r["blocks"]), str(r["widths"]), _number(r["weight_decay"], "g"),
+                 _number(r["epochs"], "d"), f"{r['params']:,}", f"{r['accuracy']:.2%}",
+                 _number(r["best_val_acc"], ".2%"), _number(r["wall_time_s"], ".0f"),
+                 _number(r["images_per_s"], ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def read_val_curve(rev):
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return parse_curve(dvc.api.read(VAL_ACC, rev=rev), "acc")
+    except (DvcException, FileNotFoundError, KeyError, ValueError) as e:
+        raise UserError(f"{VAL_ACC} at {rev}: not readable ({type(e).__name__}: {e})".splitlines()[0])
+
+
+def load_rows(num):
+    import dvc.api
+    from dvc.exceptions import DvcException, NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        return dvc.api.exp_show(repo=Repo.find_root(), num=num)
+    except NotDvcRepoError:
+        raise UserError("not inside a DVC repository: run this from the project's root")
+    except DvcException as e:
+        raise UserError(f"dvc exp show: {e}".splitlines()[0])
+
+
+def compare(out_dir=OUT_DIR, curves=None, num=1):
+    """Write the table and both figures to out_dir; returns the experiment records."""
+    records, pending = experiments(load_rows(num))
+    if not records:
+        raise UserError("no experiment with results yet: queue some (python -m stages.sweep), run them "
+                        "(dvc queue start), and check them (dvc queue status)" +
+                        (f"; without results: {', '.join(pending)}" if pending else ""))
+    by_name = {r["name"]: r for r in records}
+    unknown = [name for name in curves or [] if name not in by_name]
+    if unknown:
+        raise UserError(f"--curves: no experiment with results named {', '.join(unknown)} "
+                        f"(known: {', '.join(by_name)})")
+    out_dir = Path(out_dir)
+    write_text(out_dir / "experiments.md", markdown_table(records))
+    plot_accuracy_vs_params(records, out_dir / "accuracy_vs_params.png")
+    chosen = [by_name[name] for name in curves] if curves else records
+    plot_curves({r["name"]: read_val_curve(r["rev"]) for r in chosen}, "validation accuracy",
+                out_dir / "val_acc.png")
+    if pending:
+        print(f"left out (no results): {', '.join(pending)}")
+    return records
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(OUT_DIR), help=f"folder for the report (default {OUT_DIR}/)")
+    parser.add_argument("--curves", nargs="+", metavar="NAME", help="experiments whose validation curves to "
+                        "overlay (default: all)")
+    parser.add_argument("-n", "--num", type=int, default=1,
+                        help="experiments of the last N commits, as dvc exp show -n (default 1; -1: all)")
+    args = parser.parse_args(argv)
+    records = compare(args.out, args.curves, args.num)
+    print(f"compared {len(records)} experiment(s): wrote {args.out}/experiments.md, accuracy_vs_params.png, "
+          "val_acc.png")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,98 @@
+"""The study's comparisons as queued DVC experiments: `python -m stages.sweep`, then `dvc queue start -j N`.
+
+Every variant sets the three compared keys (model.blocks, model.widths, train.weight_decay) explicitly, so
+the sweep does not depend on what params.yaml holds; everything else comes from params.yaml. For a reduced
+run, `--width-divisor N` narrows every variant alike and `-S key=value` overrides any key in all of them."""
+import argparse
+import subprocess
+import sys
+
+from .workspace import UserError, run
+
+FINAL = {"model.blocks": [2, 1, 1, 1], "model.widths": [64, 128, 256, 512], "train.weight_decay": 1e-4}
+
+# name -> the keys it sets; the names are DVC experiment names (git ref names: no spaces, no dots).
+VARIANTS = {
+    "final": FINAL,  # 4,977,226 parameters; also the weight-decay sweep's 1e-4 point
+    "blocks-1111": {**FINAL, "model.blocks": [1, 1, 1, 1]},  # 4,903,242
+    "blocks-6543": {**FINAL, "model.blocks": [6, 5, 4, 3], "model.widths": [32, 64, 128, 256]},  # 4,865,322
+    "under-1m": {**FINAL, "model.widths": [16, 32, 64, 128]},  # 313,498
+    "wd-1e-6": {**FINAL, "train.weight_decay": 1e-6},
+    "wd-1e-5": {**FINAL, "train.weight_decay": 1e-5},
+    "wd-5e-4": {**FINAL, "train.weight_decay": 5e-4},
+}
+
+
+def format_value(value):
+    """A value as `dvc exp run -S` parses it (YAML): lists without spaces, floats in exponent form."""
+    if isinstance(value, list):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def parse_override(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value or "." not in key:
+        raise UserError(f"-S {text!r}: expected section.key=value, e.g. -S train.epochs=5")
+    return key, value
+
+
+def variant_params(variant, width_divisor=1, overrides=()):
+    """The -S values of one variant: its keys (widths divided by width_divisor), then the overrides."""
+    params = {key: format_value(value) for key, value in variant.items()}
+    if width_divisor != 1:
+        widths = variant["model.widths"]
+        if any(w % width_divisor for w in widths):
+            raise UserError(f"--width-divisor {width_divisor} does not divide model.widths {widths}")
+        params["model.widths"] = format_value([w // width_divisor for w in widths])
+    params.update(parse_override(o) for o in overrides)
+    return params
+
+
+def queue_commands(names, width_divisor=1, overrides=(), prefix="", force=False):
+    """One `dvc exp run --queue` command per chosen variant."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    if width_divisor < 1:
+        raise UserError(f"--width-divisor {width_divisor}: must be an integer >= 1")
+    commands = []
+    for name in names:
+        command = ["dvc", "exp", "run", "--queue", "-n", prefix + name] + (["--force"] if force else [])
+        for key, value in variant_params(VARIANTS[name], width_divisor, overrides).items():
+            command += ["-S", f"{key}={value}"]
+        commands.append(command)
+    return commands
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m stages.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="NAME", default=list(VARIANTS),
+                        help=f"queue only these variants (default: all of {', '.join(VARIANTS)})")
+    parser.add_argument("--width-divisor", type=int, default=1, metavar="N",
+                        help="divide every variant's widths by N: a narrower sweep of the same shapes")
+    parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a params.yaml key in every variant (repeatable), e.g. -S train.epochs=5")
+    parser.add_argument("--prefix", default="", help="prepended to every experiment name, e.g. cpu-")
+    parser.add_argument("--force", action="store_true", help="replace experiments of the same names")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, queue nothing")
+    args = parser.parse_args(argv)
+
+    for command in queue_commands(args.only, args.width_divisor, args.overrides, args.prefix, args.force):
+        print(" ".join(f"'{c}'" if "[" in c else c for c in command), flush=True)
+        if args.dry_run:
+            continue
+        result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+            raise UserError(f"queueing {command[5]} failed: {lines[0] if lines else 'no message from dvc'}")
+    if not args.dry_run:
+        print(f"queued {len(args.only)} experiment(s); run them with `dvc queue start -j N`, "
+              "follow with `dvc queue status`, compare with `dvc exp show` and `python -m stages.compare`")
+
+
+if __name__ == "__main__":
+    run(main)
