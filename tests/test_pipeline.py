@@ -1,20 +1,11 @@
 """End to end: the real dvc.yaml run by DVC itself in a temporary git repository, on the synthetic archive
 served from 127.0.0.1, with a tiny model. The tests run in order and share the repository."""
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
+from repos import dvc, make_repo, read_json, results, run, set_params, stages_run
 
-REPO = Path(__file__).resolve().parent.parent
-TRACKED = ["stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
-           "data/.gitignore", "models/.gitignore", "metrics/.gitignore", "plots/.gitignore"]
-TIMING = {"wall_time_s", "images_per_s"}  # measurements of the machine, not results of the training
 OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/model.pt", "models/summary.txt",
            "metrics/train/metrics.json", "metrics/train/plots/metrics/train/loss.tsv",
            "metrics/train/plots/metrics/val/acc.tsv", "metrics/train/plots/metrics/lr.tsv",
@@ -22,58 +13,9 @@ OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/m
            "plots/lr.png", "plots/confusion.png", "plots/per_class_accuracy.png"]
 
 
-def run(repo, *args):
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
-           "GIT_COMMITTER_EMAIL": "test@example.com"}
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-def dvc(repo, *args):
-    return run(repo, sys.executable, "-m", "dvc", *args)
-
-
-def stages_run(output):
-    return set(re.findall(r"Running stage '(\w+)'", output))
-
-
-def set_params(repo, **changes):
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in changes.items():
-        section, name = key.split("__")
-        params[section][name] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def read_json(repo, path):
-    return json.loads((repo / path).read_text())
-
-
-def results(metrics):
-    return {k: v for k, v in metrics.items() if k not in TIMING}
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, archive):
-    """A git repository holding this project's tracked files, pointed at the synthetic archive, tiny settings."""
-    repo = tmp_path_factory.mktemp("pipeline")
-    for name in TRACKED:
-        source, target = REPO / name, repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, target)
-    url, md5 = archive
-    set_params(repo, data__url=url, data__md5=md5, model__widths=[8, 16, 32, 64], train__epochs=3,
-               train__batch_size=50)
-    run(repo, "git", "init", "-q")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "pipeline")
-    return repo
+    return make_repo(tmp_path_factory.mktemp("pipeline"), archive)
 
 
 def test_repro_runs_every_stage_and_the_tiny_model_learns(repo):
