@@ -2,7 +2,9 @@
 SIGINT/SIGTERM turned into a clean stop.
 
 The checkpoint (models/checkpoint.pt) is a scratch file, not a DVC output: DVC neither deletes it before
-rerunning the train stage nor caches or pushes it, and the stage deletes it once training completes."""
+rerunning the train stage nor caches or pushes it, and the stage deletes it once training completes, so a
+forced rerun trains afresh. (As a `persist` output it would switch off DVC's run-cache for the stage, and as
+a `cache: false` one its absence after `dvc pull` into a fresh clone would make the train stage look changed.)"""
 import hashlib
 import json
 import signal
@@ -23,8 +25,9 @@ def fingerprint(params, device):
     content) and the code that trains (every module of this package that is loaded)."""
     digest = hashlib.sha256(json.dumps({"model": params["model"], "train": params["train"], "device": device.type},
                                        sort_keys=True).encode())
-    code = sorted(Path(m.__file__) for name, m in list(sys.modules.items())
-                  if name.split(".")[0] == __package__ and getattr(m, "__file__", None))
+    here = Path(__file__).resolve().parent  # the stage scripts run as __main__, so look by folder, not name
+    code = sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
+                   if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent == here})
     for path in [*sorted(Path(BATCHES_DIR).iterdir()), Path(STATS_FILE), *code]:
         digest.update(path.name.encode())
         with open(path, "rb") as f:
