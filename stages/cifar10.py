@@ -29,13 +29,16 @@ IMAGE_SHAPE = (3, 32, 32)
 
 def _local_path(url):
     """The file a local path or file:// URL names, or None for a remote URL."""
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError as e:  # e.g. an unclosed [IPv6] host
+        raise UserError(f"data.url {url!r} is malformed: {e}")
     if parsed.scheme == "file":
         return Path(url2pathname(parsed.path))
     if parsed.scheme in ("", *"abcdefghijklmnopqrstuvwxyz"):  # a plain path (a one-letter scheme is a drive)
         return Path(url).expanduser()
     if parsed.scheme in ("http", "https", "ftp"):
-        if not parsed.netloc:
+        if not parsed.hostname:
             raise UserError(f"data.url {url!r} is malformed: no host")
         return None
     raise UserError(f"data.url {url!r}: unsupported scheme '{parsed.scheme}'; use http(s)://, file:// or a local path")
@@ -72,7 +75,7 @@ def download(url, md5, dest_dir):
         try:
             extract_archive(str(archive), str(extracted))
         except (tarfile.TarError, EOFError, zlib.error, OSError, RuntimeError) as e:
-            raise UserError(f"data.url {url!r}: not a readable .tar.gz archive ({e})")
+            raise UserError(f"data.url {url!r}: not a readable .tar.gz archive ({' '.join(str(e).split())})")
         check_layout(extracted / BATCHES_DIR, source=url)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(extracted / BATCHES_DIR, target)

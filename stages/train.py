@@ -1,7 +1,8 @@
 """Stage train: the study's recipe on the `model` and `train` params.
 
 Writes models/model.pt (weights, architecture, normalization), models/summary.txt (the layer table) and,
-through DVCLive, metrics/train/ (per-epoch curves and the training summary)."""
+through DVCLive, metrics/train/ (per-epoch curves and the training summary). After every epoch it saves
+models/checkpoint.pt, from which a rerun with the same params, data and code resumes (see resume.py)."""
 import copy
 import io
 import time
@@ -16,6 +17,7 @@ from .augment import Normalizer, reflect_pad
 from .cifar10 import load_split, read_classes
 from .model import build_model, count_parameters, save_model
 from .params import load_params
+from .resume import CHECKPOINT_FILE, StopSignals, fingerprint, load_checkpoint, save_checkpoint
 from .training import (
     evaluate,
     make_optimizer,
@@ -37,6 +39,15 @@ def layer_table(model):
     with redirect_stdout(out):
         summary(copy.deepcopy(model).cpu(), input_size=(3, 32, 32), device="cpu")
     return f"ResNet {model.config}\n{out.getvalue()}"
+
+
+def log_epoch(live, row):
+    """One epoch's point on every DVCLive curve (the step is the epoch)."""
+    live.step = row["step"]
+    for name, value in row.items():
+        if name != "step":
+            live.log_metric(name, value)
+    live.next_step()
 
 
 def main():
@@ -65,36 +76,52 @@ def main():
     print(f"training {num_params:,} parameters on {device} in {train['precision']}"
           f"{', compiled' if train['compile'] else ''}: {len(train_labels)} train / {len(test_labels)} test images")
 
-    start, train_seconds, best_val_acc = time.perf_counter(), 0.0, 0.0
-    with Live(dir=str(TRAIN_LOG_DIR), dvcyaml=False, save_dvc_exp=False) as live:
-        for epoch in range(1, train["epochs"] + 1):
+    run_fingerprint = fingerprint(params, device)
+    progress = load_checkpoint(CHECKPOINT_FILE, run_fingerprint, model, optimizer, scheduler, generator)
+    if progress:
+        print(f"resuming from {CHECKPOINT_FILE} after epoch {progress['epoch']}/{train['epochs']}")
+    else:
+        progress = {"epoch": 0, "history": [], "best_val_acc": 0.0, "train_seconds": 0.0, "wall_seconds": 0.0}
+
+    start, wall_before = time.perf_counter(), progress["wall_seconds"]
+    stopped = StopSignals(lambda: f"after epoch {progress['epoch']}/{train['epochs']}; " + (
+        f"{CHECKPOINT_FILE} holds it: rerun to resume" if progress["epoch"] else "nothing to resume"))
+    with Live(dir=str(TRAIN_LOG_DIR), dvcyaml=False, save_dvc_exp=False) as live, stopped:
+        for row in progress["history"]:  # the finished epochs' curves, as the interrupted run logged them
+            log_epoch(live, row)
+        for epoch in range(progress["epoch"] + 1, train["epochs"] + 1):
             epoch_start = time.perf_counter()
             train_loss, train_acc = train_epoch(step_model, optimizer, scheduler, padded, train_labels, normalize,
                                                 train, generator, desc=f"epoch {epoch}/{train['epochs']}")
             train_loss, train_acc = train_loss.item(), train_acc.item()  # one host sync per epoch
-            train_seconds += time.perf_counter() - epoch_start
+            progress["train_seconds"] += time.perf_counter() - epoch_start
             val_loss, val_acc, _ = evaluate(step_model, test_images, test_labels, normalize, train["batch_size"],
                                             train["precision"])
             val_loss, val_acc = val_loss.item(), val_acc.item()
-            best_val_acc = max(best_val_acc, val_acc)
+            progress["best_val_acc"] = max(progress["best_val_acc"], val_acc)
             lr = scheduler.get_last_lr()[0]
 
-            live.step = epoch
-            for name, value in [("train/loss", train_loss), ("train/acc", train_acc), ("val/loss", val_loss),
-                                ("val/acc", val_acc), ("lr", lr)]:
-                live.log_metric(name, value)
-            live.next_step()
+            row = {"step": epoch, "train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss,
+                   "val/acc": val_acc, "lr": lr}
+            log_epoch(live, row)
             tqdm.write(f"epoch {epoch}/{train['epochs']}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                        f"val loss {val_loss:.4f} acc {val_acc:.4f} | lr {lr:.2e}")
+            progress["epoch"] = epoch
+            progress["history"].append(row)
+            progress["wall_seconds"] = wall_before + time.perf_counter() - start
+            with stopped.deferred():  # a signal now waits until this epoch is saved
+                save_checkpoint(CHECKPOINT_FILE, run_fingerprint, progress, model, optimizer, scheduler, generator)
 
-        wall_seconds = time.perf_counter() - start
-        summary_values = {"params": num_params, "best_val_acc": best_val_acc,
+        wall_seconds = wall_before + time.perf_counter() - start
+        summary_values = {"params": num_params, "best_val_acc": progress["best_val_acc"],
                           "wall_time_s": round(wall_seconds, 2),
-                          "images_per_s": round(train["epochs"] * len(train_labels) / train_seconds, 1)}
+                          "images_per_s": round(train["epochs"] * len(train_labels) / progress["train_seconds"], 1)}
         for name, value in summary_values.items():
             live.log_metric(name, value, plot=False)
     save_model(MODEL_FILE, model, {"mean": stats["mean"], "std": stats["std"]}, classes, train["precision"])
-    print(f"final val acc {val_acc:.4f}, best {best_val_acc:.4f}, {wall_seconds:.0f} s; saved {MODEL_FILE}")
+    CHECKPOINT_FILE.unlink(missing_ok=True)  # done: a later forced rerun trains afresh
+    print(f"final val acc {progress['history'][-1]['val/acc']:.4f}, best {progress['best_val_acc']:.4f}, "
+          f"{wall_seconds:.0f} s; saved {MODEL_FILE}")
 
 
 if __name__ == "__main__":

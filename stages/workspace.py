@@ -24,12 +24,13 @@ class UserError(Exception):
 
 
 def run(main):
-    """Run a stage's main(); a UserError becomes 'error: <message>' on stderr and exit status 1."""
+    """Run a stage's main(); a UserError becomes 'error: <message>' on stderr and exit status 1 (or the
+    error's own `exit_status`)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(e, "exit_status", 1))
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Temporary git + DVC repositories holding this project, for the tests that run DVC itself."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 TRACKED = ["stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
            "data/.gitignore", "models/.gitignore", "metrics/.gitignore", "plots/.gitignore", "plots_template"]
+TIMING = {"wall_time_s", "images_per_s"}  # measurements of the machine, not results of the training
 TINY = {"model__widths": [8, 16, 32, 64], "train__epochs": 3, "train__batch_size": 50}
 
 
@@ -29,6 +31,20 @@ def run(repo, *args, timeout=None):
 
 def dvc(repo, *args, timeout=None):
     return run(repo, sys.executable, "-m", "dvc", *args, timeout=timeout)
+
+
+def start(repo, *args):
+    """A command running in the background in its own process group (to signal it and its children)."""
+    return subprocess.Popen(args, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def stages_run(output):
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def results(metrics):
+    return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
 def set_params(repo, **changes):

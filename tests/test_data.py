@@ -1,4 +1,8 @@
 """Download, checksum, extraction, batch reading and channel statistics."""
+import gzip
+import hashlib
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +14,12 @@ from stages.workspace import UserError
 
 def assert_nothing_left(data_dir):
     assert list(data_dir.iterdir()) == [], f"partial output left in {data_dir}: {list(data_dir.iterdir())}"
+
+
+def assert_nothing_left_and_a_corrected_run_works(data_dir, archive_dir):
+    assert_nothing_left(data_dir)
+    download(str(archive_dir / "cifar-10-python.tar.gz"), (archive_dir / "md5.txt").read_text(), data_dir)
+    assert load_split(data_dir / "cifar-10-batches-py", "test")[0].shape[0] == TEST_IMAGES
 
 
 def test_download_over_http_extracts_the_official_layout(tmp_path, archive):
@@ -33,26 +43,58 @@ def test_download_from_a_local_copy(tmp_path, archive_dir, form):
     assert load_split(tmp_path / "data" / "cifar-10-batches-py", "test")[0].shape[0] == TEST_IMAGES
 
 
-def test_wrong_checksum_is_an_error_and_leaves_nothing(tmp_path, archive):
+def test_wrong_checksum_is_an_error_and_leaves_nothing(tmp_path, archive, archive_dir):
     url, _ = archive
     with pytest.raises(UserError, match="md5 is [0-9a-f]{32}, but data.md5 is 0{32}"):
         download(url, "0" * 32, tmp_path / "data")
-    assert_nothing_left(tmp_path / "data")
+    assert_nothing_left_and_a_corrected_run_works(tmp_path / "data", archive_dir)
 
 
-def test_unreachable_url_is_an_error(tmp_path, server_url):
+def test_unreachable_url_is_an_error(tmp_path, server_url, archive_dir):
     with pytest.raises(UserError, match="could not be downloaded"):
         download(server_url + "/no-such-file.tar.gz", "0" * 32, tmp_path / "data")
-    assert_nothing_left(tmp_path / "data")
+    assert_nothing_left_and_a_corrected_run_works(tmp_path / "data", archive_dir)
 
 
-def test_archive_without_the_expected_batches_is_an_error(tmp_path):
+def test_archive_without_the_expected_batches_is_an_error(tmp_path, archive_dir):
     files = synthetic_batches()
     del files["data_batch_3"], files["test_batch"]
     md5 = build_archive(tmp_path / "partial.tar.gz", files)
     with pytest.raises(UserError, match="lacks cifar-10-batches-py/data_batch_3, test_batch"):
         download(str(tmp_path / "partial.tar.gz"), md5, tmp_path / "data")
-    assert_nothing_left(tmp_path / "data")
+    assert_nothing_left_and_a_corrected_run_works(tmp_path / "data", archive_dir)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda good: good[: len(good) // 2], "Compressed file ended before the end-of-stream marker"),  # truncated
+    (lambda good: good[:100] + bytes(200) + good[300:], "not a readable .tar.gz archive"),  # bytes overwritten
+    (lambda good: b"<html>mirror moved</html>\n" * 20, "not a gzip file"),  # not an archive at all
+    (lambda good: gzip.compress(b"not a tar file" * 100), "invalid header"),  # gzip, but no tar inside
+])
+def test_a_corrupt_archive_whose_md5_the_user_supplies_is_an_error(tmp_path, archive_dir, damage, reason):
+    """The md5 matches the (damaged) file, so only extraction can tell: a one-line error, nothing left."""
+    bad = damage((archive_dir / "cifar-10-python.tar.gz").read_bytes())
+    (tmp_path / "bad.tar.gz").write_bytes(bad)
+    with pytest.raises(UserError, match="not a readable .tar.gz archive") as error:
+        download(str(tmp_path / "bad.tar.gz"), hashlib.md5(bad).hexdigest(), tmp_path / "data")
+    assert reason in str(error.value) and "\n" not in str(error.value)
+    assert_nothing_left_and_a_corrected_run_works(tmp_path / "data", archive_dir)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://", "is malformed: no host"),
+    ("https://:443/cifar.tar.gz", "is malformed: no host"),
+    ("http://[::1/cifar.tar.gz", "is malformed: Invalid IPv6 URL"),
+    ("htp:/x", "unsupported scheme 'htp'"),
+    ("gopher://example.com/cifar.tar.gz", "unsupported scheme 'gopher'"),
+    ("http://exa mple.com/cifar.tar.gz", "could not be downloaded"),
+    ("/no/such/cifar-10-python.tar.gz", "no such file"),
+    ("file:///no/such/cifar-10-python.tar.gz", "no such file"),
+])
+def test_a_malformed_url_or_missing_local_copy_is_an_error(tmp_path, archive_dir, url, message):
+    with pytest.raises(UserError, match=f"^data.url {re.escape(repr(url))}.*{re.escape(message)}"):
+        download(url, "0" * 32, tmp_path / "data")
+    assert_nothing_left_and_a_corrected_run_works(tmp_path / "data", archive_dir)
 
 
 def test_batches_with_bytes_keys_read_the_same(tmp_path):

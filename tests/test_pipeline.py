@@ -4,22 +4,13 @@ import json
 import re
 
 import pytest
-from dvcrepo import assert_curves_overlaid, dvc, make_repo, read_json, run, set_params
+from dvcrepo import assert_curves_overlaid, dvc, make_repo, read_json, results, run, set_params, stages_run
 
-TIMING = {"wall_time_s", "images_per_s"}  # measurements of the machine, not results of the training
 OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/model.pt", "models/summary.txt",
            "metrics/train/metrics.json", "metrics/train/plots/metrics/train/loss.tsv",
            "metrics/train/plots/metrics/val/acc.tsv", "metrics/train/plots/metrics/lr.tsv",
            "metrics/evaluate/metrics.json", "metrics/evaluate/confusion.json", "plots/loss.png", "plots/accuracy.png",
            "plots/lr.png", "plots/confusion.png", "plots/per_class_accuracy.png"]
-
-
-def stages_run(output):
-    return set(re.findall(r"Running stage '(\w+)'", output))
-
-
-def results(metrics):
-    return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
 @pytest.fixture(scope="module")

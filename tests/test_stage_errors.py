@@ -1,4 +1,5 @@
 """Stage entry points on bad input: one line on stderr naming the problem, exit status 1, no output."""
+import hashlib
 import os
 import shutil
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +52,23 @@ def test_download_with_a_wrong_checksum(workdir):
     assert files_under(workdir / "data") == []
 
 
+def test_download_on_bad_input_leaves_nothing_and_a_corrected_rerun_succeeds(workdir, archive_dir):
+    good = yaml.safe_load((workdir / "params.yaml").read_text())["data"]
+    short = (archive_dir / "cifar-10-python.tar.gz").read_bytes()[:5000]  # truncated, with its own md5
+    (workdir / "short.tar.gz").write_bytes(short)
+    for url, md5, phrase in [(str(workdir / "short.tar.gz"), hashlib.md5(short).hexdigest(), "not a readable .tar.gz"),
+                             ("htp:/example.com/cifar.tar.gz", good["md5"], "unsupported scheme 'htp'"),
+                             (str(workdir / "absent.tar.gz"), good["md5"], "absent.tar.gz': no such file")]:
+        set_param(workdir, "data", "url", url)
+        set_param(workdir, "data", "md5", md5)
+        assert_one_line_error(*run_stage(workdir, "download"), phrase)
+        assert files_under(workdir / "data") == []
+    set_param(workdir, "data", "url", good["url"])
+    set_param(workdir, "data", "md5", good["md5"])
+    assert run_stage(workdir, "download")[0] == 0
+    assert "cifar-10-batches-py/test_batch" in files_under(workdir / "data")
+
+
 def test_train_over_the_budget_fails_before_any_work(workdir):
     set_param(workdir, "model", "max_params", 1000)
     assert_one_line_error(*run_stage(workdir, "train"), "over model.max_params = 1,000")
@@ -64,3 +83,19 @@ def test_an_invalid_param_fails_every_stage(workdir):
 
 def test_evaluate_without_a_checkpoint(workdir):
     assert_one_line_error(*run_stage(workdir, "evaluate"), "models/model.pt: no such checkpoint")
+
+
+@pytest.mark.parametrize("checkpoint, phrase", [
+    (b"\x00 half a file", "not a readable model checkpoint"),
+    ({"config": {"blocks": [1, 1], "widths": [8, 16], "num_classes": 10},
+      "state_dict": {"stem.0.weight": torch.zeros(4, 3, 3, 3)}, "stats": {}, "classes": []},
+     "weights do not fit the architecture"),
+])
+def test_evaluate_on_a_damaged_or_incompatible_checkpoint(workdir, checkpoint, phrase):
+    (workdir / "models").mkdir()
+    if isinstance(checkpoint, bytes):
+        (workdir / "models/model.pt").write_bytes(checkpoint)
+    else:
+        torch.save(checkpoint, workdir / "models/model.pt")
+    assert_one_line_error(*run_stage(workdir, "evaluate"), f"models/model.pt: {phrase}")
+    assert files_under(workdir / "metrics") == []

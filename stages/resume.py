@@ -1,0 +1,117 @@
+"""Resumable training: the per-epoch checkpoint, the fingerprint that says which run it belongs to, and
+SIGINT/SIGTERM turned into a clean stop.
+
+The checkpoint (models/checkpoint.pt) is a scratch file, not a DVC output: DVC neither deletes it before
+rerunning the train stage nor caches or pushes it, and the stage deletes it once training completes, so a
+forced rerun trains afresh. (As a `persist` output it would switch off DVC's run-cache for the stage, and as
+a `cache: false` one its absence after `dvc pull` into a fresh clone would make the train stage look changed.)"""
+import hashlib
+import json
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .workspace import BATCHES_DIR, STATS_FILE, UserError, atomic_path
+
+CHECKPOINT_FILE = Path("models/checkpoint.pt")
+
+
+def fingerprint(params, device):
+    """What a checkpoint must share with this run to be resumed: the model and train params, the device
+    type (RNG states differ between CPU and CUDA), the data (the batch files and data/stats.json, by
+    content) and the code that trains (every module of this package that is loaded)."""
+    digest = hashlib.sha256(json.dumps({"model": params["model"], "train": params["train"], "device": device.type},
+                                       sort_keys=True).encode())
+    here = Path(__file__).resolve().parent  # the stage scripts run as __main__, so look by folder, not name
+    code = sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
+                   if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent == here})
+    for path in [*sorted(Path(BATCHES_DIR).iterdir()), Path(STATS_FILE), *code]:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path, run_fingerprint, progress, model, optimizer, scheduler, generator):
+    """Everything to continue after `progress['epoch']` finished epochs exactly as if never stopped."""
+    state = {
+        "fingerprint": run_fingerprint, "progress": progress,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": {"generator": generator.get_state(), "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, run_fingerprint, model, optimizer, scheduler, generator):
+    """Restore the training state from `path` and return its progress, or return None (saying why) when
+    there is no checkpoint or it belongs to other params, data or code: training then starts afresh."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        stale = state["fingerprint"] != run_fingerprint
+    except Exception as e:  # a damaged scratch file is not worth stopping for
+        print(f"{path}: unreadable ({type(e).__name__}); starting afresh")
+        return None
+    if stale:
+        print(f"{path}: from other params, data or code; starting afresh")
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["rng"]["generator"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["progress"]
+
+
+class Stopped(UserError):
+    """Training stopped by a signal; the exit status is the shell's 128 + the signal number."""
+
+    def __init__(self, signum, message):
+        self.exit_status = 128 + signum
+        super().__init__(message)
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM raise Stopped in the main thread, aborting the step in progress,
+    with the message 'training stopped by SIG...' plus what `describe()` says; inside `deferred()` (saving
+    the checkpoint) they wait until the block has finished."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, describe):
+        self.describe, self.received, self._deferring, self._previous = describe, None, False, {}
+
+    def _stop(self):
+        raise Stopped(self.received, f"training stopped by {signal.Signals(self.received).name} {self.describe()}")
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        if not self._deferring:
+            self._stop()
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self.received is not None:
+            self._stop()
