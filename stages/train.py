@@ -4,6 +4,7 @@ Writes models/model.pt (weights, architecture, normalization), models/summary.tx
 through DVCLive, metrics/train/ (per-epoch curves and the training summary)."""
 import copy
 import io
+import sys
 import time
 from contextlib import redirect_stdout
 
@@ -12,12 +13,12 @@ from dvclive import Live
 from torchsummary import summary
 from tqdm import tqdm
 
+from . import distributed
 from .augment import Normalizer, reflect_pad
 from .cifar10 import load_split, read_classes
 from .model import build_model, count_parameters, save_model
 from .params import load_params
 from .training import (
-    evaluate,
     make_optimizer,
     make_scheduler,
     pick_device,
@@ -25,6 +26,7 @@ from .training import (
     resolve_precision,
     steps_per_epoch,
     train_epoch,
+    validate,
 )
 from .workspace import BATCHES_DIR, MODEL_FILE, STATS_FILE, SUMMARY_FILE, TRAIN_LOG_DIR, read_json, run, write_text
 
@@ -39,42 +41,55 @@ def layer_table(model):
     return f"ResNet {model.config}\n{out.getvalue()}"
 
 
-def main():
+def main(argv=None):
     params = load_params()
     arch, train = params["model"], params["train"]
+    node = distributed.node_rank(argv, train)
     torch.manual_seed(train["seed"])
     model = build_model(arch["blocks"], arch["widths"], arch["max_params"])  # the budget is checked first
     num_params = count_parameters(model)
     stats = read_json(STATS_FILE, "stats")
     classes = read_classes(BATCHES_DIR)
+    distributed.check(train, pick_device())
+    if distributed.needs_launch(train):  # train.nproc * train.nnodes > 1: this process starts the ranks
+        distributed.launch(train, node, "stages.train")
+        return
+    context = distributed.setup(pick_device())  # under torchrun: joins the process group
+    rank, world_size = context.rank, context.world_size
     train_images, train_labels = load_split(BATCHES_DIR, "train")
     test_images, test_labels = load_split(BATCHES_DIR, "test")
-    write_text(SUMMARY_FILE, layer_table(model))
+    if context.is_main:
+        write_text(SUMMARY_FILE, layer_table(model))
 
-    device = pick_device()
+    device = context.device
     train = {**train, "precision": resolve_precision(train["precision"], device)}
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     # The whole data set stays on the device as uint8; the reflect padding never changes, so pad once.
     padded = reflect_pad(train_images.to(device), PAD)
     train_labels, test_images, test_labels = train_labels.to(device), test_images.to(device), test_labels.to(device)
     normalize = Normalizer(stats["mean"], stats["std"], device)
-    model, step_model = prepare_model(model, device, train["compile"])
+    model, step_model = prepare_model(model, device, train["compile"],
+                                      lambda m: distributed.wrap(m, context, train["sync_bn"]))
+    eval_model = step_model if world_size == 1 else model  # DDP's forward is for the training steps
     optimizer = make_optimizer(model, train)
     scheduler = make_scheduler(optimizer, train, steps_per_epoch(len(train_labels), train["batch_size"]))
     generator = torch.Generator(device).manual_seed(train["seed"])
     print(f"training {num_params:,} parameters on {device} in {train['precision']}"
-          f"{', compiled' if train['compile'] else ''}: {len(train_labels)} train / {len(test_labels)} test images")
+          f"{', compiled' if train['compile'] else ''}{f', {world_size} processes' if world_size > 1 else ''}: "
+          f"{len(train_labels)} train / {len(test_labels)} test images")
 
     start, train_seconds, best_val_acc = time.perf_counter(), 0.0, 0.0
-    with Live(dir=str(TRAIN_LOG_DIR), dvcyaml=False, save_dvc_exp=False) as live:
+    live = Live(dir=str(TRAIN_LOG_DIR), dvcyaml=False, save_dvc_exp=False) if context.is_main else distributed.NoLive()
+    with live:
         for epoch in range(1, train["epochs"] + 1):
             epoch_start = time.perf_counter()
             train_loss, train_acc = train_epoch(step_model, optimizer, scheduler, padded, train_labels, normalize,
-                                                train, generator, desc=f"epoch {epoch}/{train['epochs']}")
+                                                train, generator, desc=f"epoch {epoch}/{train['epochs']}",
+                                                rank=rank, world_size=world_size)
             train_loss, train_acc = train_loss.item(), train_acc.item()  # one host sync per epoch
             train_seconds += time.perf_counter() - epoch_start
-            val_loss, val_acc, _ = evaluate(step_model, test_images, test_labels, normalize, train["batch_size"],
-                                            train["precision"])
+            val_loss, val_acc = validate(eval_model, test_images, test_labels, normalize, train["batch_size"],
+                                         train["precision"], rank, world_size)
             val_loss, val_acc = val_loss.item(), val_acc.item()
             best_val_acc = max(best_val_acc, val_acc)
             lr = scheduler.get_last_lr()[0]
@@ -93,9 +108,10 @@ def main():
                           "images_per_s": round(train["epochs"] * len(train_labels) / train_seconds, 1)}
         for name, value in summary_values.items():
             live.log_metric(name, value, plot=False)
-    save_model(MODEL_FILE, model, {"mean": stats["mean"], "std": stats["std"]}, classes, train["precision"])
+    if context.is_main:  # the unwrapped model: the same state_dict keys as on one process
+        save_model(MODEL_FILE, model, {"mean": stats["mean"], "std": stats["std"]}, classes, train["precision"])
     print(f"final val acc {val_acc:.4f}, best {best_val_acc:.4f}, {wall_seconds:.0f} s; saved {MODEL_FILE}")
 
 
 if __name__ == "__main__":
-    run(main)
+    run(lambda: main(sys.argv[1:]))
