@@ -98,8 +98,9 @@ def launch(train, node, module):
     try:
         torchrun.run(torchrun.parse_args(args))
     except ChildFailedError as e:
-        failures = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in e.failures.items())
-        raise UserError(f"training on {world_size(train)} processes failed on {failures}; the rank's error is above")
+        rank, failure = e.get_first_failure()
+        raise UserError(f"training on {world_size(train)} processes failed: rank {rank} exited with code "
+                        f"{failure.exitcode} (its error is above), and torchrun stopped the others")
 
 
 def setup(device):

@@ -81,39 +81,50 @@ def data(n):
     return reflect_pad(images, 4), torch.randint(0, 10, (n,), generator=generator)
 
 
-def train_steps(n, rank, world_size):
-    """An epoch of the training engine over n images (at most one batch: one step) on the model above:
-    (loss, accuracy, weights, gradients)."""
+def train_steps(n, rank, world_size, device=CPU, model_class=FrozenStatisticsResNet, sync_bn=False):
+    """An epoch of the training engine over n images (at most one batch: one step), fp32: (loss, accuracy,
+    weights, gradients) on the host."""
     torch.manual_seed(0)
-    model = FrozenStatisticsResNet([1, 1, 1, 1], [8, 16, 32, 64]).to(memory_format=torch.channels_last)
-    step_model = wrap(model, Context(CPU, rank, world_size), sync_bn=False)
+    model = model_class([1, 1, 1, 1], [8, 16, 32, 64]).to(device, memory_format=torch.channels_last)
+    step_model = wrap(model, Context(device, rank, world_size), sync_bn)
     optimizer = make_optimizer(model, TRAIN)
     scheduler = make_scheduler(optimizer, TRAIN, steps_per_epoch=10)  # the first step at OneCycle's initial rate
     padded, labels = data(n)
-    loss, acc = train_epoch(step_model, optimizer, scheduler, padded, labels, Normalizer([0.5] * 3, [0.25] * 3, CPU),
-                            TRAIN, torch.Generator().manual_seed(0), rank=rank, world_size=world_size)
-    return (loss.item(), acc.item(), {k: v.clone() for k, v in model.state_dict().items()},
-            {k: p.grad.clone() for k, p in model.named_parameters()})
+    loss, acc = train_epoch(step_model, optimizer, scheduler, padded.to(device), labels.to(device),
+                            Normalizer([0.5] * 3, [0.25] * 3, device), TRAIN, torch.Generator(device).manual_seed(0),
+                            rank=rank, world_size=world_size)
+    return (loss.item(), acc.item(), {k: v.cpu().clone() for k, v in model.state_dict().items()},
+            {k: p.grad.cpu().clone() for k, p in model.named_parameters()})
 
 
-def rank_main(rank, store, out):
+def rank_main(rank, store, out, cuda):
+    if cuda:  # NCCL, a GPU per rank, true fp32
+        torch.cuda.set_device(rank)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        results = [train_steps(n, rank, 2) for n in (50, 1)]
+        if cuda:
+            results = [train_steps(50, rank, 2, torch.device("cuda", rank), ResNet, sync_bn=True)]
+        else:
+            results = [train_steps(n, rank, 2) for n in (50, 1)]
     finally:
         dist.destroy_process_group()
     if rank == 0:
         torch.save(results, out)
 
 
+def spawn_two_ranks(folder, cuda):
+    mp.spawn(rank_main, args=(str(folder / "store"), str(folder / "out.pt"), cuda), nprocs=2)
+    return torch.load(folder / "out.pt")
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """On 2 gloo processes: one step on 50 images (25 each), and one on a single image (rank 0 gets none, as
     in a last batch smaller than the world)."""
-    folder = tmp_path_factory.mktemp("ddp")
-    mp.spawn(rank_main, args=(str(folder / "store"), str(folder / "out.pt")), nprocs=2)
-    return torch.load(folder / "out.pt")
+    return spawn_two_ranks(tmp_path_factory.mktemp("ddp"), cuda=False)
 
 
 def assert_close(a, b, atol):
@@ -132,6 +143,24 @@ def test_one_step_on_two_processes_with_half_the_batch_each_equals_one_process_w
     torch.manual_seed(0)
     initial = FrozenStatisticsResNet([1, 1, 1, 1], [8, 16, 32, 64]).state_dict()
     assert all((weights[k] - initial[k]).abs().max() > 1e-4 for k in grads), "a parameter the step left alone"
+
+
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs (NCCL, SyncBatchNorm); this machine has {GPUS}")
+def test_with_sync_bn_one_step_of_the_real_model_on_two_gpus_equals_one_gpu_with_the_whole_batch(tmp_path,
+                                                                                                   monkeypatch):
+    """BatchNorm in training mode, its statistics over both ranks' images (SyncBatchNorm) against one GPU's
+    plain BatchNorm over the whole batch."""
+    for module, name, value in [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32",
+                                 False), (torch.backends.cudnn, "deterministic", True)]:  # true fp32, repeatable
+        monkeypatch.setattr(module, name, value)
+    loss, acc, weights, grads = spawn_two_ranks(tmp_path, cuda=True)[0]
+    one_loss, one_acc, one_weights, one_grads = train_steps(50, 0, 1, torch.device("cuda", 0), ResNet)
+    assert loss == pytest.approx(one_loss, rel=1e-5) and acc == pytest.approx(one_acc)
+    assert_close(grads, one_grads, atol=1e-6)
+    assert_close(weights, one_weights, atol=1e-5)  # running statistics included
 
 
 def test_a_batch_smaller_than_the_world_leaves_a_rank_without_images_and_still_steps_the_same(two_ranks):
@@ -185,6 +214,6 @@ def test_an_error_on_the_ranks_stops_them_all_and_ends_in_one_line(repo):
     batch.write_bytes(b"not a pickle")
     code, lines = stage_error(repo)
     assert code == 1 and "Traceback" not in "\n".join(lines), lines
-    assert lines[-1].startswith("error: training on 2 processes failed on rank"), lines
+    assert lines[-1].startswith("error: training on 2 processes failed: rank "), lines
     assert any(line.startswith("error: data/cifar-10-batches-py/data_batch_3: not a CIFAR-10 batch") for line in lines)
     assert not (repo / "models/model.pt").exists()
