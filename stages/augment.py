@@ -14,14 +14,19 @@ def reflect_pad(images, pad):
     return images[:, :, index(images.shape[2])][:, :, :, index(images.shape[3])]
 
 
-def random_crop_flip(padded, size, generator):
+def random_crop_flip(padded, size, generator, start=0, drawn=None):
     """Per image: a random `size` x `size` crop of the padded images [B, C, H, W], then a horizontal flip
-    with probability 0.5 (the study's RandomCrop(32, padding=4, reflect) + RandomHorizontalFlip)."""
+    with probability 0.5 (the study's RandomCrop(32, padding=4, reflect) + RandomHorizontalFlip).
+
+    With `drawn`, the images are [start, start + B) of a batch of `drawn`: the offsets and flips are drawn
+    for the whole batch and this part's are used, so a rank of a distributed run crops its images exactly
+    as one process would crop the whole batch."""
     b, c, h, w = padded.shape
     device = padded.device
-    top = torch.randint(0, h - size + 1, (b, 1, 1, 1), device=device, generator=generator)
-    left = torch.randint(0, w - size + 1, (b, 1, 1, 1), device=device, generator=generator)
-    flip = torch.rand(b, 1, 1, 1, device=device, generator=generator) < 0.5
+    n, part = drawn or b, slice(start, start + b)
+    top = torch.randint(0, h - size + 1, (n, 1, 1, 1), device=device, generator=generator)[part]
+    left = torch.randint(0, w - size + 1, (n, 1, 1, 1), device=device, generator=generator)[part]
+    flip = (torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5)[part]
     steps = torch.arange(size, device=device)
     rows = top + steps.view(1, 1, size, 1)
     steps = steps.view(1, 1, 1, size)

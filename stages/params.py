@@ -71,6 +71,11 @@ def _bool(v):
         return "must be true or false"
 
 
+def _port(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        return "must be a TCP port, an integer from 1 to 65535"
+
+
 def _positive_or_off(v):
     if v is False or v is None:
         return None
@@ -91,6 +96,11 @@ SCHEMA = {
         "seed": _int(0),
         "precision": _one_of("auto", "bf16", "fp32"),
         "compile": _bool,
+        "nproc": _int(1),
+        "nnodes": _int(1),
+        "master_addr": _text,
+        "master_port": _port,
+        "sync_bn": _bool,
     },
 }
 
@@ -120,6 +130,13 @@ def validate(params, source=PARAMS_FILE):
         raise UserError(
             f"{source}: model.blocks {model['blocks']} and model.widths {model['widths']} must have the same length "
             "(one entry per stage)"
+        )
+    train = params["train"]
+    processes = train["nproc"] * train["nnodes"]
+    if train["batch_size"] < processes:
+        raise UserError(
+            f"{source}: train.batch_size = {train['batch_size']} is smaller than train.nproc * train.nnodes = "
+            f"{processes}: every process needs at least one image of each batch"
         )
     return params
 

@@ -24,6 +24,7 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     assert params["model"] == {"blocks": [2, 1, 1, 1], "widths": [64, 128, 256, 512], "max_params": 5_000_000}
     assert params["train"]["batch_size"] == 400 and params["train"]["max_lr"] == 0.01
     assert params["train"]["grad_clip"] == 0.1 and params["train"]["epochs"] == 70
+    assert params["train"]["nproc"] == params["train"]["nnodes"] == 1 and params["train"]["sync_bn"] is False
     assert params["data"]["md5"] == "c58f30108f718f92721af3b95e74349a"
 
 
@@ -47,6 +48,11 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     ("train.seed", -1, "integer >= 0"),
     ("train.precision", "fp16", "one of auto, bf16, fp32"),
     ("train.compile", "yes", "true or false"),
+    ("train.nproc", 0, "integer >= 1"),
+    ("train.nnodes", 1.5, "integer >= 1"),
+    ("train.master_addr", "", "non-empty string"),
+    ("train.master_port", 70000, "a TCP port, an integer from 1 to 65535"),
+    ("train.sync_bn", "on", "true or false"),
     ("data.md5", "abc", "32 hex digits"),
     ("data.url", "", "non-empty string"),
 ])
@@ -72,6 +78,15 @@ def test_blocks_and_widths_need_one_entry_per_stage():
     with pytest.raises(UserError, match=r"model.blocks \[2, 1, 1\] and model.widths \[64, 128, 256, 512\] must have "
                                         "the same length"):
         validate(with_value("model.blocks", [2, 1, 1]))
+
+
+def test_every_process_needs_an_image_of_each_batch():
+    params = with_value("train.batch_size", 15)
+    params["train"].update(nproc=8, nnodes=2)
+    with pytest.raises(UserError, match=r"train.batch_size = 15 is smaller than train.nproc \* train.nnodes = 16"):
+        validate(params)
+    params["train"]["batch_size"] = 16
+    assert validate(params)["train"]["nproc"] == 8
 
 
 def test_grad_clip_can_be_switched_off():

@@ -1,0 +1,219 @@
+"""Several processes (DistributedDataParallel, gloo on the CPU): the shards, the crops, the launcher's command
+line, and one step on 2 processes with half the batch each against 1 process with the whole batch."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import dvc, run, set_params, tiny_pipeline_repo
+from test_pipeline import OUTPUTS, read_json, stages_run
+from torch import nn
+
+from stages.augment import Normalizer, random_crop_flip, reflect_pad
+from stages.distributed import Context, check, node_rank, shard, torchrun_args, wrap
+from stages.model import ResNet
+from stages.training import make_optimizer, make_scheduler, train_epoch
+from stages.workspace import UserError
+
+TRAIN = {"epochs": 1, "batch_size": 50, "max_lr": 0.01, "warmup_fraction": 0.3, "weight_decay": 1e-4,
+         "grad_clip": 0.1, "seed": 0, "precision": "fp32", "compile": False, "nproc": 2, "nnodes": 1,
+         "master_addr": "localhost", "master_port": 29500, "sync_bn": False}
+CPU = torch.device("cpu")
+
+
+def test_shards_cover_the_batch_in_order_and_differ_by_at_most_one():
+    for n, world in [(50, 2), (51, 2), (7, 3), (400, 8), (1, 2), (3, 4)]:
+        parts = [shard(n, rank, world) for rank in range(world)]
+        assert [i for part in parts for i in range(n)[part]] == list(range(n))
+        sizes = [part.stop - part.start for part in parts]
+        assert max(sizes) - min(sizes) <= 1, (n, world, sizes)
+    assert shard(51, 0, 2) == slice(0, 25) and shard(51, 1, 2) == slice(25, 51)
+
+
+def test_a_rank_crops_its_part_exactly_as_one_process_crops_the_whole_batch():
+    padded = reflect_pad(torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), 4)
+    whole = random_crop_flip(padded, 32, torch.Generator().manual_seed(3))
+    for part in [slice(0, 5), slice(5, 10), slice(3, 4)]:
+        mine = random_crop_flip(padded[part], 32, torch.Generator().manual_seed(3), part.start, len(padded))
+        assert torch.equal(mine, whole[part])
+
+
+def test_torchrun_command_lines_for_one_node_and_for_several():
+    assert torchrun_args(TRAIN, 0, "stages.train") == ["--nproc-per-node=2", "--standalone", "-m", "stages.train"]
+    nodes = {**TRAIN, "nproc": 8, "nnodes": 2, "master_addr": "10.0.0.1", "master_port": 29400}
+    assert torchrun_args(nodes, 1, "stages.train") == [
+        "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
+        "-m", "stages.train"]
+
+
+def test_node_rank_comes_from_the_command_line_and_must_name_a_node():
+    nodes = {**TRAIN, "nnodes": 3}
+    assert node_rank([], nodes) == 0 and node_rank(["--node-rank", "2"], nodes) == 2
+    with pytest.raises(UserError, match=r"--node-rank 3: must be 0 to 2 \(train.nnodes = 3\)"):
+        node_rank(["--node-rank", "3"], nodes)
+
+
+def test_sync_bn_on_several_cpu_processes_is_an_error_before_any_process_starts():
+    with pytest.raises(UserError, match="train.sync_bn = True .* needs CUDA GPUs"):
+        check({**TRAIN, "sync_bn": True}, CPU)
+    check(TRAIN, CPU)
+    check({**TRAIN, "nproc": 1, "sync_bn": True}, CPU)  # one process: SyncBatchNorm is never used
+
+
+class FrozenStatisticsResNet(ResNet):
+    """The project's ResNet with its BatchNorms normalizing by their running statistics in training too:
+    every image's gradient then depends on that image alone, so a batch split over ranks must give exactly
+    the whole batch's gradient. (With batch statistics, it would only with SyncBatchNorm, which needs CUDA.)"""
+
+    def train(self, mode=True):
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+
+def data(n):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return reflect_pad(images, 4), torch.randint(0, 10, (n,), generator=generator)
+
+
+def train_steps(n, rank, world_size, device=CPU, model_class=FrozenStatisticsResNet, sync_bn=False):
+    """An epoch of the training engine over n images (at most one batch: one step), fp32: (loss, accuracy,
+    weights, gradients) on the host."""
+    torch.manual_seed(0)
+    model = model_class([1, 1, 1, 1], [8, 16, 32, 64]).to(device, memory_format=torch.channels_last)
+    step_model = wrap(model, Context(device, rank, world_size), sync_bn)
+    optimizer = make_optimizer(model, TRAIN)
+    scheduler = make_scheduler(optimizer, TRAIN, steps_per_epoch=10)  # the first step at OneCycle's initial rate
+    padded, labels = data(n)
+    loss, acc = train_epoch(step_model, optimizer, scheduler, padded.to(device), labels.to(device),
+                            Normalizer([0.5] * 3, [0.25] * 3, device), TRAIN, torch.Generator(device).manual_seed(0),
+                            rank=rank, world_size=world_size)
+    return (loss.item(), acc.item(), {k: v.cpu().clone() for k, v in model.state_dict().items()},
+            {k: p.grad.cpu().clone() for k, p in model.named_parameters()})
+
+
+def rank_main(rank, store, out, cuda):
+    if cuda:  # NCCL, a GPU per rank, true fp32
+        torch.cuda.set_device(rank)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+    torch.set_num_threads(1)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        if cuda:
+            results = [train_steps(50, rank, 2, torch.device("cuda", rank), ResNet, sync_bn=True)]
+        else:
+            results = [train_steps(n, rank, 2) for n in (50, 1)]
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        torch.save(results, out)
+
+
+def spawn_two_ranks(folder, cuda):
+    mp.spawn(rank_main, args=(str(folder / "store"), str(folder / "out.pt"), cuda), nprocs=2)
+    return torch.load(folder / "out.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """On 2 gloo processes: one step on 50 images (25 each), and one on a single image (rank 0 gets none, as
+    in a last batch smaller than the world)."""
+    return spawn_two_ranks(tmp_path_factory.mktemp("ddp"), cuda=False)
+
+
+def assert_close(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=0, atol=atol), \
+            f"{key}: max difference {(a[key].float() - b[key].float()).abs().max():.3g}"
+
+
+def test_one_step_on_two_processes_with_half_the_batch_each_equals_one_process_with_the_whole_batch(two_ranks):
+    loss, acc, weights, grads = two_ranks[0]
+    one_loss, one_acc, one_weights, one_grads = train_steps(50, 0, 1)
+    assert loss == pytest.approx(one_loss, rel=1e-6) and acc == pytest.approx(one_acc)
+    assert_close(grads, one_grads, atol=1e-7)  # the averaged, clipped gradients of the global batch's mean loss
+    assert_close(weights, one_weights, atol=1e-6)
+    torch.manual_seed(0)
+    initial = FrozenStatisticsResNet([1, 1, 1, 1], [8, 16, 32, 64]).state_dict()
+    assert all((weights[k] - initial[k]).abs().max() > 1e-4 for k in grads), "a parameter the step left alone"
+
+
+GPUS = torch.cuda.device_count()
+
+
+@pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs (NCCL, SyncBatchNorm); this machine has {GPUS}")
+def test_with_sync_bn_one_step_of_the_real_model_on_two_gpus_equals_one_gpu_with_the_whole_batch(tmp_path,
+                                                                                                   monkeypatch):
+    """BatchNorm in training mode, its statistics over both ranks' images (SyncBatchNorm) against one GPU's
+    plain BatchNorm over the whole batch."""
+    for module, name, value in [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32",
+                                 False), (torch.backends.cudnn, "deterministic", True)]:  # true fp32, repeatable
+        monkeypatch.setattr(module, name, value)
+    loss, acc, weights, grads = spawn_two_ranks(tmp_path, cuda=True)[0]
+    one_loss, one_acc, one_weights, one_grads = train_steps(50, 0, 1, torch.device("cuda", 0), ResNet)
+    assert loss == pytest.approx(one_loss, rel=1e-5) and acc == pytest.approx(one_acc)
+    assert_close(grads, one_grads, atol=1e-6)
+    assert_close(weights, one_weights, atol=1e-5)  # running statistics included
+
+
+def test_a_batch_smaller_than_the_world_leaves_a_rank_without_images_and_still_steps_the_same(two_ranks):
+    loss, acc, weights, grads = two_ranks[1]
+    one_loss, one_acc, one_weights, one_grads = train_steps(1, 0, 1)
+    assert loss == pytest.approx(one_loss, rel=1e-6) and acc == pytest.approx(one_acc)
+    assert_close(grads, one_grads, atol=1e-7)
+    assert_close(weights, one_weights, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, archive):
+    repo = tiny_pipeline_repo(tmp_path_factory.mktemp("ddp_pipeline"), archive)
+    set_params(repo, train__nproc=2)
+    run(repo, "git", "commit", "-qam", "two processes")
+    return repo
+
+
+def test_repro_on_two_processes_writes_every_output_once_and_learns(repo):
+    output = dvc(repo, "repro")
+    assert stages_run(output) == {"download", "stats", "train", "evaluate", "plot"}
+    assert "2 processes" in output and output.count("final val acc") == 1  # rank 1 prints nothing
+    for path in OUTPUTS:
+        assert (repo / path).is_file() and (repo / path).stat().st_size > 0, path
+    train = read_json(repo, "metrics/train/metrics.json")
+    test = read_json(repo, "metrics/evaluate/metrics.json")
+    assert train["step"] == 3 and train["images_per_s"] > 0
+    assert test["accuracy"] > 0.5, f"test accuracy {test['accuracy']}: chance is 0.1"
+    # the sharded validation measured the model rank 0 saved, which evaluate reads as is
+    assert test["accuracy"] == pytest.approx(train["val"]["acc"], abs=1e-6)
+    assert test["loss"] == pytest.approx(train["val"]["loss"], rel=1e-4)
+    assert run(repo, "git", "status", "--porcelain", "--untracked-files=all").split() == ["??", "dvc.lock"]
+
+
+def stage_error(repo):
+    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=repo, capture_output=True, text=True)
+    return result.returncode, result.stderr.strip().splitlines()
+
+
+def test_sync_bn_on_the_cpu_is_one_line_before_any_rank_starts(repo):
+    set_params(repo, train__sync_bn=True)
+    code, lines = stage_error(repo)
+    set_params(repo, train__sync_bn=False)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: train.sync_bn = True"), lines
+
+
+def test_an_error_on_the_ranks_stops_them_all_and_ends_in_one_line(repo):
+    (repo / "models/model.pt").unlink()
+    batch = repo / "data/cifar-10-batches-py/data_batch_3"
+    batch.unlink()  # DVC may have linked it to its cache
+    batch.write_bytes(b"not a pickle")
+    code, lines = stage_error(repo)
+    assert code == 1 and "Traceback" not in "\n".join(lines), lines
+    assert lines[-1].startswith("error: training on 2 processes failed: rank "), lines
+    assert any(line.startswith("error: data/cifar-10-batches-py/data_batch_3: not a CIFAR-10 batch") for line in lines)
+    assert not (repo / "models/model.pt").exists()
