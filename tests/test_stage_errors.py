@@ -88,7 +88,7 @@ def test_evaluate_without_a_checkpoint(workdir):
 @pytest.mark.parametrize("checkpoint, phrase", [
     (b"\x00 half a file", "not a readable model checkpoint"),
     ({"config": {"blocks": [1, 1], "widths": [8, 16], "num_classes": 10},
-      "state_dict": {"stem.0.weight": torch.zeros(4, 3, 3, 3)}, "stats": {}, "classes": []},
+      "state_dict": {"stem.0.weight": torch.zeros(4, 3, 3, 3)}, "stats": {}, "classes": [], "precision": "fp32"},
      "weights do not fit the architecture"),
 ])
 def test_evaluate_on_a_damaged_or_incompatible_checkpoint(workdir, checkpoint, phrase):
