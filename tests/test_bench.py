@@ -3,7 +3,7 @@ from stages.bench import main
 
 
 def test_bench_measures_project_reference_and_ceiling(capsys):
-    result = main(["--steps", "1", "--warmup", "1", "--batch-size", "16", "--blocks", "1", "1",
+    result = main(["--steps", "1", "--warmup", "1", "--rounds", "1", "--batch-size", "16", "--blocks", "1", "1",
                    "--widths", "8", "16", "--workers", "1", "--precision", "fp32"])
     for mode in ["project", "reference", "ceiling"]:
         assert result[f"{mode}_images_per_s"] > 0
