@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import dvc, run, set_params, tiny_pipeline_repo
-from test_pipeline import OUTPUTS, read_json, stages_run
+from dvcrepo import dvc, make_repo, read_json, run, set_params, stages_run
+from test_pipeline import OUTPUTS
 from torch import nn
 
 from stages.augment import Normalizer, random_crop_flip, reflect_pad
@@ -173,10 +173,7 @@ def test_a_batch_smaller_than_the_world_leaves_a_rank_without_images_and_still_s
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, archive):
-    repo = tiny_pipeline_repo(tmp_path_factory.mktemp("ddp_pipeline"), archive)
-    set_params(repo, train__nproc=2)
-    run(repo, "git", "commit", "-qam", "two processes")
-    return repo
+    return make_repo(tmp_path_factory.mktemp("ddp_pipeline"), archive, train__nproc=2)
 
 
 def test_repro_on_two_processes_writes_every_output_once_and_learns(repo):
