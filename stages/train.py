@@ -122,9 +122,8 @@ def main(argv=None):
             row = {"step": epoch, "train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss,
                    "val/acc": val_acc, "lr": lr}
             log_epoch(live, row)
-            if context.is_main:
-                tqdm.write(f"epoch {epoch}/{train['epochs']}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
-                           f"val loss {val_loss:.4f} acc {val_acc:.4f} | lr {lr:.2e}")
+            tqdm.write(f"epoch {epoch}/{train['epochs']}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                       f"val loss {val_loss:.4f} acc {val_acc:.4f} | lr {lr:.2e}")  # rank > 0: stdout is silenced
             progress["epoch"] = epoch
             progress["history"].append(row)
             progress["wall_seconds"] = wall_before + time.perf_counter() - start
