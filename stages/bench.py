@@ -1,4 +1,4 @@
-"""Training-speed benchmark: python -m stages.bench [--steps N] [--batch-size B] [--blocks ...] [--widths ...]
+"""Training-speed benchmark: python -m stages.bench [--params FILE] [--steps N] [--batch-size B] [...]
 
 Measures, in one run on one machine, with the same model, batch, optimizer and clipping:
   1. project:   the train stage's own step (training.train_epoch: on-device uint8 data, batched crop/flip,
@@ -6,14 +6,16 @@ Measures, in one run on one machine, with the same model, batch, optimizer and c
   2. reference: the common way: a Dataset of PIL images, torchvision RandomCrop(32, padding=4, reflect),
                 RandomHorizontalFlip, ToTensor, Normalize, a DataLoader with workers, fp32, NCHW;
   3. ceiling:   forward + backward + optimizer step on one preloaded batch, in the fastest mode
-                (channels_last, the project's precision, compiled if asked): the hardware's limit.
-Each mode is warmed up once, then measured in alternating rounds (best round kept). Prints one JSON object
-with the three rates and the ratios project/reference and project/ceiling.
-Not a DVC stage: it measures the machine, not the model."""
+                (channels_last, the project's precision, compiled if asked).
+The recipe (model, batch size, learning rate, weight decay, clipping, precision, compile) is params.yaml's,
+read and checked as the stages read it; the options override it. Each mode is warmed up once, then measured
+in alternating rounds (best round kept). Prints one JSON object with the three rates, their ratios and the
+recipe measured. Not a DVC stage: it measures the machine, not the model."""
 import argparse
 import json
 import os
 import time
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -22,17 +24,12 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from .augment import Normalizer, reflect_pad
+from . import training
+from .distributed import Context
 from .model import ResNet
-from .training import (
-    autocast,
-    make_optimizer,
-    make_scheduler,
-    pick_device,
-    prepare_model,
-    resolve_precision,
-    train_epoch,
-)
+from .params import PARAMS_FILE, Recipe, System, load_params
+from .training import PAD, autocast, make_scheduler, pick_device, prepare_model, resolve_precision
+from .workspace import run
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -42,18 +39,12 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def recipe(args):
-    """The study's train params, with the benchmark's batch size, precision and compile."""
-    return {"epochs": 1, "batch_size": args.batch_size, "max_lr": 0.01, "warmup_fraction": 0.3,
-            "weight_decay": 1e-4, "grad_clip": 0.1, "seed": 0, "precision": args.precision, "compile": args.compile}
-
-
 def random_images(n, seed=0):
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def total_steps(args):
-    return args.warmup + args.rounds * args.steps
+def total_steps(bench):
+    return bench.warmup + bench.rounds * bench.steps
 
 
 def timed(device, work):
@@ -65,21 +56,21 @@ def timed(device, work):
     return time.perf_counter() - start
 
 
-def project_runner(args, device):
-    """Runs `steps` steps of training.train_epoch, the train stage's own loop (one epoch of steps batches)."""
-    train = recipe(args)
-    model, step_model = prepare_model(ResNet(args.blocks, args.widths), device, args.compile)
-    optimizer = make_optimizer(model, train)
-    scheduler = make_scheduler(optimizer, train, steps_per_epoch=total_steps(args))
-    normalize = Normalizer(MEAN, STD, device)
-    generator = torch.Generator(device).manual_seed(0)
-    padded = reflect_pad(random_images(args.batch_size * args.steps).to(device), 4)
-    labels = torch.randint(0, 10, (len(padded),), device=device, generator=generator)
+def project_runner(bench, device):
+    """Runs `steps` steps of training.train_epoch, the train stage's own loop (one epoch of `steps` batches)."""
+    recipe = bench.recipe
+    context = Context(device)
+    # one batch per epoch and an epoch per step, so OneCycle spans exactly the steps the benchmark runs
+    trainer = training.make_trainer(ResNet(bench.blocks, bench.widths), replace(recipe, epochs=total_steps(bench)),
+                                    context, bench.compile, num_images=recipe.batch_size)
+    images = random_images(recipe.batch_size * bench.steps)
+    labels = torch.randint(0, 10, (len(images),), generator=torch.Generator().manual_seed(1))
+    data = training.Data.on_device((images, labels), (images[:1], labels[:1]), {"mean": MEAN, "std": STD}, device)
 
     def run(steps):
-        n = args.batch_size * steps
-        loss, _ = train_epoch(step_model, optimizer, scheduler, padded[:n], labels[:n], normalize, train,
-                              generator, desc="project")
+        n = recipe.batch_size * steps
+        part = replace(data, padded=data.padded[:n], labels=data.labels[:n])
+        loss, _ = training.train_epoch(trainer, part, replace(recipe, epochs=1), context, desc="project")
         loss.item()  # the epoch's one host sync
     return run
 
@@ -96,20 +87,21 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def reference_runner(args, device):
+def reference_runner(bench, device):
     """Runs `steps` steps the common way: PIL + torchvision transforms in DataLoader workers, fp32, NCHW,
     the loss read every step."""
+    recipe = bench.recipe
     transform = transforms.Compose([
-        transforms.RandomCrop(32, padding=4, padding_mode="reflect"), transforms.RandomHorizontalFlip(),
+        transforms.RandomCrop(32, padding=PAD, padding_mode="reflect"), transforms.RandomHorizontalFlip(),
         transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    n = args.batch_size * args.steps
+    n = recipe.batch_size * bench.steps
     dataset = PILDataset(random_images(n), torch.randint(0, 10, (n,)), transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=bench.workers, persistent_workers=bench.workers > 0,
                                          pin_memory=device.type == "cuda")
-    model = ResNet(args.blocks, args.widths).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-4)
-    scheduler = make_scheduler(optimizer, recipe(args), steps_per_epoch=total_steps(args))
+    model = ResNet(bench.blocks, bench.widths).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay)
+    scheduler = make_scheduler(optimizer, replace(recipe, epochs=total_steps(bench)), steps_per_epoch=1)
     model.train()
 
     def run(steps):
@@ -118,25 +110,27 @@ def reference_runner(args, device):
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
-            nn.utils.clip_grad_value_(model.parameters(), 0.1)
+            if recipe.grad_clip:
+                nn.utils.clip_grad_value_(model.parameters(), recipe.grad_clip)
             optimizer.step()
             scheduler.step()
             loss.item()
     return run
 
 
-def ceiling_runner(args, device):
+def ceiling_runner(bench, device):
     """Runs `steps` forward + backward + optimizer steps on one preloaded, normalized batch: no data work,
     no clipping, no schedule; channels_last, the project's precision, compiled if asked."""
-    model, step_model = prepare_model(ResNet(args.blocks, args.widths), device, args.compile)
-    optimizer = make_optimizer(model, recipe(args))
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    recipe = bench.recipe
+    model, step_model = prepare_model(ResNet(bench.blocks, bench.widths), device, bench.compile)
+    optimizer = training.make_optimizer(model, recipe)
+    x = torch.randn(recipe.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (recipe.batch_size,), device=device)
     model.train()
 
     def run(steps):
         for _ in range(steps):
-            with autocast(device, args.precision):
+            with autocast(device, recipe.precision):
                 loss = F.cross_entropy(step_model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -144,58 +138,75 @@ def ceiling_runner(args, device):
     return run
 
 
-def measure(args, device):
+def measure(bench, device):
     """images/s of each mode: warmed up once, then measured in `rounds` alternating rounds, best round kept,
     so a machine whose speed drifts (a shared or throttled one) does not favour the mode measured first."""
-    runners = {"project": project_runner(args, device), "reference": reference_runner(args, device),
-               "ceiling": ceiling_runner(args, device)}
-    for run in runners.values():
-        run(args.warmup)
+    runners = {"project": project_runner(bench, device), "reference": reference_runner(bench, device),
+               "ceiling": ceiling_runner(bench, device)}
+    for runner in runners.values():
+        runner(bench.warmup)
     best = dict.fromkeys(runners, 0.0)
-    for _ in range(args.rounds):
-        for mode, run in runners.items():
-            best[mode] = max(best[mode], args.batch_size * args.steps / timed(device, lambda: run(args.steps)))
+    images = bench.recipe.batch_size * bench.steps
+    for _ in range(bench.rounds):
+        for mode, runner in runners.items():
+            best[mode] = max(best[mode], images / timed(device, lambda: runner(bench.steps)))
     return best
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv):
+    """The command line over params.yaml's recipe: options left out take the file's values."""
+    parser = argparse.ArgumentParser(prog="python -m stages.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="the params file (default params.yaml)")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per mode and round (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per mode first (default 1)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measured rounds, best kept (default 2)")
-    parser.add_argument("--batch-size", type=int, default=400)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[2, 1, 1, 1])
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the project's and the ceiling's model")
+    parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
+    parser.add_argument("--blocks", type=int, nargs="+", help="default: model.blocks")
+    parser.add_argument("--widths", type=int, nargs="+", help="default: model.widths")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: train.precision")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the project's and the ceiling's model (default: system.compile)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers of the reference loop (default: min(4, CPUs))")
     args = parser.parse_args(argv)
-    if len(args.blocks) != len(args.widths) or min(args.steps, args.warmup, args.rounds, args.batch_size) < 1:
+    params = load_params(args.params)
+    overrides = {"batch_size": args.batch_size, "precision": args.precision}
+    args.recipe = replace(Recipe.from_params(params), **{k: v for k, v in overrides.items() if v is not None})
+    args.blocks = args.blocks or params["model"]["blocks"]
+    args.widths = args.widths or params["model"]["widths"]
+    args.compile = System.from_params(params).compile if args.compile is None else args.compile
+    if len(args.blocks) != len(args.widths) or min(args.steps, args.warmup, args.rounds, args.recipe.batch_size) < 1:
         parser.error("--blocks and --widths need the same length; "
                      "--steps, --warmup, --rounds and --batch-size must be >= 1")
+    return args
+
+
+def main(argv=None):
+    bench = parse_args(argv)
     device = pick_device()
     torch.backends.cudnn.benchmark = True
-    args.precision = resolve_precision(args.precision, device)
+    bench.recipe = replace(bench.recipe, precision=resolve_precision(bench.recipe.precision, device))
     torch.manual_seed(0)
     np.random.seed(0)
-    rates = measure(args, device)
+    rates = measure(bench, device)
     project, reference, ceiling = rates["project"], rates["reference"], rates["ceiling"]
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
     result = {
-        "device": name, "precision": args.precision, "compile": args.compile, "torch": torch.__version__,
-        "blocks": args.blocks, "widths": args.widths, "batch_size": args.batch_size,
-        "steps": args.steps, "rounds": args.rounds,
+        "device": name, "precision": bench.recipe.precision, "compile": bench.compile, "torch": torch.__version__,
+        "blocks": bench.blocks, "widths": bench.widths, "batch_size": bench.recipe.batch_size,
+        "steps": bench.steps, "rounds": bench.rounds,
         "project_images_per_s": round(project, 1), "reference_images_per_s": round(reference, 1),
         "ceiling_images_per_s": round(ceiling, 1),
         "project_vs_reference": round(project / reference, 3), "project_vs_ceiling": round(project / ceiling, 3),
+        "recipe": asdict(bench.recipe),
     }
     print(json.dumps(result))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

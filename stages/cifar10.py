@@ -16,11 +16,10 @@ from urllib.request import url2pathname
 
 import numpy as np
 import torch
-from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
 from .workspace import UserError
 
-BATCHES_DIR = "cifar-10-batches-py"
+ARCHIVE_FOLDER = "cifar-10-batches-py"  # the one folder the official archive holds
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 META_FILE = "batches.meta"
 EXPECTED_FILES = [*SPLITS["train"], *SPLITS["test"], META_FILE]
@@ -46,6 +45,8 @@ def _local_path(url):
 
 def _fetch(url, workdir):
     """Path of the archive `url` names: downloaded into `workdir` (with a progress bar) or a local file as is."""
+    from torchvision.datasets.utils import download_url  # torchvision takes 1.5 s to import: only download needs it
+
     path = _local_path(url)
     if path is not None:
         if not path.is_file():
@@ -62,9 +63,11 @@ def _fetch(url, workdir):
 def download(url, md5, dest_dir):
     """Fetch the archive at `url`, check its md5, extract it and check its layout; only then move
     `cifar-10-batches-py/` into `dest_dir`. On any failure nothing is left in `dest_dir`."""
+    from torchvision.datasets.utils import calculate_md5, extract_archive
+
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    target = dest_dir / BATCHES_DIR
+    target = dest_dir / ARCHIVE_FOLDER
     workdir = Path(tempfile.mkdtemp(prefix=".download-", dir=dest_dir))  # same file system: the move is a rename
     try:
         archive = _fetch(url, workdir)
@@ -76,9 +79,9 @@ def download(url, md5, dest_dir):
             extract_archive(str(archive), str(extracted))
         except (tarfile.TarError, EOFError, zlib.error, OSError, RuntimeError) as e:
             raise UserError(f"data.url {url!r}: not a readable .tar.gz archive ({' '.join(str(e).split())})")
-        check_layout(extracted / BATCHES_DIR, source=url)
+        check_layout(extracted / ARCHIVE_FOLDER, source=url)
         shutil.rmtree(target, ignore_errors=True)
-        os.replace(extracted / BATCHES_DIR, target)
+        os.replace(extracted / ARCHIVE_FOLDER, target)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return target
@@ -109,7 +112,7 @@ def read_batch(path):
 def check_layout(batches_dir, source):
     missing = [name for name in EXPECTED_FILES if not (Path(batches_dir) / name).is_file()]
     if missing:
-        raise UserError(f"{source}: archive lacks {BATCHES_DIR}/{', '.join(missing)} (expected the official "
+        raise UserError(f"{source}: archive lacks {ARCHIVE_FOLDER}/{', '.join(missing)} (expected the official "
                         "CIFAR-10 python layout)")
     for split in SPLITS:
         load_split(batches_dir, split)

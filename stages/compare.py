@@ -11,9 +11,9 @@ from pathlib import Path
 import yaml
 
 from .figures import parse_curve, plot_accuracy_vs_params, plot_curves
-from .workspace import CURVES_DIR, TEST_METRICS_FILE, TRAIN_LOG_DIR, UserError, run, write_text
+from .workspace import CURVES_DIR, RUN_METRICS_FILE, TEST_METRICS_FILE, UserError, run, write_text
 
-TRAIN_METRICS = str(TRAIN_LOG_DIR / "metrics.json")
+RUN_METRICS = str(RUN_METRICS_FILE)
 TEST_METRICS = str(TEST_METRICS_FILE)
 VAL_ACC = (CURVES_DIR / "val" / "acc.tsv").as_posix()
 OUT_DIR = Path("reports")
@@ -24,11 +24,10 @@ COLUMNS = {
     "widths": ("params.yaml", "model.widths"),
     "weight_decay": ("params.yaml", "train.weight_decay"),
     "epochs": ("params.yaml", "train.epochs"),
-    "params": (TRAIN_METRICS, "params"),
+    "params": (RUN_METRICS, "params"),
     "accuracy": (TEST_METRICS, "accuracy"),
-    "best_val_acc": (TRAIN_METRICS, "best_val_acc"),
-    "wall_time_s": (TRAIN_METRICS, "wall_time_s"),
-    "images_per_s": (TRAIN_METRICS, "images_per_s"),
+    "wall_time_s": (RUN_METRICS, "wall_time_s"),
+    "images_per_s": (RUN_METRICS, "images_per_s"),
 }
 
 
@@ -71,7 +70,7 @@ def markdown_table(records):
     for r in sorted(records, key=lambda r: -r["accuracy"]):
         cells = [r["name"], r["rev"], str(r["blocks"]), str(r["widths"]), _number(r["weight_decay"], "g"),
                  _number(r["epochs"], "d"), f"{r['params']:,}", f"{r['accuracy']:.2%}",
-                 _number(r["best_val_acc"], ".2%"), _number(r["wall_time_s"], ".0f"),
+                 _number(r.get("best_val_acc"), ".2%"), _number(r["wall_time_s"], ".0f"),
                  _number(r["images_per_s"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -112,12 +111,13 @@ def compare(out_dir=OUT_DIR, curves=None, num=1):
     if unknown:
         raise UserError(f"--curves: no experiment with results named {', '.join(unknown)} "
                         f"(known: {', '.join(by_name)})")
+    val_acc = {r["name"]: read_val_curve(r["rev"]) for r in records}
+    for r in records:
+        r["best_val_acc"] = max(val_acc[r["name"]][1], default=None)
     out_dir = Path(out_dir)
     write_text(out_dir / "experiments.md", markdown_table(records))
     plot_accuracy_vs_params(records, out_dir / "accuracy_vs_params.png")
-    chosen = [by_name[name] for name in curves] if curves else records
-    plot_curves({r["name"]: read_val_curve(r["rev"]) for r in chosen}, "validation accuracy",
-                out_dir / "val_acc.png")
+    plot_curves({name: val_acc[name] for name in curves or by_name}, "validation accuracy", out_dir / "val_acc.png")
     if pending:
         print(f"left out (no results): {', '.join(pending)}")
     return records

@@ -31,17 +31,13 @@ class Context:
         return self.rank == 0
 
 
-def world_size(train):
-    return train["nproc"] * train["nnodes"]
-
-
 def under_torchrun():
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def needs_launch(train):
+def needs_launch(recipe):
     """Several processes asked for, and this is not yet one of them."""
-    return world_size(train) > 1 and not under_torchrun()
+    return recipe.world_size > 1 and not under_torchrun()
 
 
 def threads_per_process(nproc):
@@ -49,57 +45,57 @@ def threads_per_process(nproc):
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
-def check(train, device):
+def check(recipe, device):
     """What this machine cannot do, found before any process starts."""
-    if world_size(train) == 1:
+    if recipe.world_size == 1:
         return
-    if train["sync_bn"] and device.type != "cuda":
-        raise UserError(f"train.sync_bn = True with train.nproc * train.nnodes = {world_size(train)} needs CUDA GPUs: "
-                        "PyTorch's SyncBatchNorm does not run on the CPU; set train.sync_bn: false")
-    if device.type == "cuda" and train["nproc"] > torch.cuda.device_count():
-        raise UserError(f"train.nproc = {train['nproc']} but this machine has {torch.cuda.device_count()} GPU(s): "
+    if recipe.sync_bn and device.type != "cuda":
+        raise UserError(f"train.sync_bn = True with train.nproc * train.nnodes = {recipe.world_size} needs CUDA "
+                        "GPUs: PyTorch's SyncBatchNorm does not run on the CPU; set train.sync_bn: false")
+    if device.type == "cuda" and recipe.nproc > torch.cuda.device_count():
+        raise UserError(f"train.nproc = {recipe.nproc} but this machine has {torch.cuda.device_count()} GPU(s): "
                         "one process per GPU at most")
 
 
-def node_rank(argv, train):
+def node_rank(argv, recipe):
     """`--node-rank K` of the stage's command line: which node this is, for train.nnodes > 1 (0, the
     default, is the node whose rank 0 writes the outputs)."""
     parser = argparse.ArgumentParser(prog="python -m stages.train", description="The train stage.")
     parser.add_argument("--node-rank", type=int, default=0,
                         help="this node's rank, 0 to train.nnodes - 1 (default 0: the node that writes the outputs)")
     rank = parser.parse_args(argv).node_rank
-    if not 0 <= rank < train["nnodes"]:
-        raise UserError(f"--node-rank {rank}: must be 0 to {train['nnodes'] - 1} (train.nnodes = {train['nnodes']})")
+    if not 0 <= rank < recipe.nnodes:
+        raise UserError(f"--node-rank {rank}: must be 0 to {recipe.nnodes - 1} (train.nnodes = {recipe.nnodes})")
     return rank
 
 
-def torchrun_args(train, node, module):
+def torchrun_args(recipe, system, node, module):
     """torchrun's command line for the ranks of this node: one node on its own (--standalone: a free local
-    port), or several meeting at train.master_addr:train.master_port (static rendezvous, node 0 hosts it)."""
-    args = [f"--nproc-per-node={train['nproc']}"]
-    if train["nnodes"] == 1:
+    port), or several meeting at system.master_addr:system.master_port (static rendezvous, node 0 hosts it)."""
+    args = [f"--nproc-per-node={recipe.nproc}"]
+    if recipe.nnodes == 1:
         args.append("--standalone")
     else:
-        args += [f"--nnodes={train['nnodes']}", f"--node-rank={node}", f"--master-addr={train['master_addr']}",
-                 f"--master-port={train['master_port']}"]
+        args += [f"--nnodes={recipe.nnodes}", f"--node-rank={node}", f"--master-addr={system.master_addr}",
+                 f"--master-port={system.master_port}"]
     return args + ["-m", module]
 
 
-def launch(train, node, module):
-    """Run `python -m module` as train.nproc ranks on this node through torchrun's own launcher, and wait.
+def launch(recipe, system, node, module):
+    """Run `python -m module` as recipe.nproc ranks on this node through torchrun's own launcher, and wait.
     When a rank fails, torchrun stops the others; the failure becomes one UserError line (the rank's own
     error is printed above it)."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = torchrun_args(train, node, module)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(train["nproc"])))
+    args = torchrun_args(recipe, system, node, module)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(recipe.nproc)))
     sys.stdout.flush()
     try:
         torchrun.run(torchrun.parse_args(args))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        raise UserError(f"training on {world_size(train)} processes failed: rank {rank} exited with code "
+        raise UserError(f"training on {recipe.world_size} processes failed: rank {rank} exited with code "
                         f"{failure.exitcode} (its error is above), and torchrun stopped the others")
 
 
@@ -160,20 +156,3 @@ def broadcast_buffers(model):
     """Rank 0's buffers (the BatchNorm running statistics) on every rank, so all evaluate the model rank 0 saves."""
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
-
-
-class NoLive:
-    """What ranks other than 0 log to: nothing (DVCLive's calls the train stage makes, doing nothing)."""
-    step = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def log_metric(self, *args, **kwargs):
-        pass
-
-    def next_step(self):
-        pass

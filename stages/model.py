@@ -32,8 +32,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """3x3 stem (no max-pool: the input is only 32x32), one stage per entry of `blocks`/`widths`,
-    stride 2 at the first block of every stage after the first, global average pool, linear head."""
+    """3x3 stem (no max-pool: the input is only 32x32), then one layer per entry of `blocks`/`widths`: that many
+    BasicBlocks at that width, the first of every layer after the first with stride 2; global average pool,
+    linear head. `layers[i]` is layer i, as kuangliu's layer1..layer4."""
 
     def __init__(self, blocks, widths, num_classes=NUM_CLASSES):
         super().__init__()
@@ -41,17 +42,20 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
         )
-        stages, in_channels = [], widths[0]
+        layers, in_channels = [], widths[0]
         for i, (n, channels) in enumerate(zip(blocks, widths)):
-            for j in range(n):
-                stride = 2 if i > 0 and j == 0 else 1
-                stages.append(BasicBlock(in_channels, channels, stride))
-                in_channels = channels
-        self.stages = nn.Sequential(*stages)
+            layers.append(self._layer(in_channels, channels, n, stride=1 if i == 0 else 2))
+            in_channels = channels
+        self.layers = nn.Sequential(*layers)
         self.head = nn.Linear(in_channels, num_classes)
 
+    @staticmethod
+    def _layer(in_channels, channels, n, stride):
+        return nn.Sequential(*[BasicBlock(in_channels if j == 0 else channels, channels, stride if j == 0 else 1)
+                               for j in range(n)])
+
     def forward(self, x):
-        x = self.stages(self.stem(x))
+        x = self.layers(self.stem(x))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 

@@ -1,5 +1,7 @@
-"""params.yaml: loading, and validation of every key before a stage does any work."""
+"""params.yaml: loading, validation of every key before a stage does any work, and the typed views the
+training code takes (Recipe: what a run computes; System: where and how it runs)."""
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -95,17 +97,61 @@ SCHEMA = {
         "grad_clip": _positive_or_off,
         "seed": _int(0),
         "precision": _one_of("auto", "bf16", "fp32"),
-        "compile": _bool,
         "nproc": _int(1),
         "nnodes": _int(1),
+        "sync_bn": _bool,
+    },
+    "system": {
+        "compile": _bool,
         "master_addr": _text,
         "master_port": _port,
-        "sync_bn": _bool,
     },
 }
 
 
-def validate(params, source=PARAMS_FILE):
+@dataclass(frozen=True)
+class Recipe:
+    """The `train` section: everything that decides what training computes. Each key is a dependency of the
+    train stage (dvc.yaml) and part of the resumable checkpoint's fingerprint. nproc and nnodes belong here
+    because every rank's BatchNorm normalizes with its own share of the batch, so the process count changes
+    the result (unless sync_bn)."""
+    epochs: int
+    batch_size: int
+    max_lr: float
+    warmup_fraction: float
+    weight_decay: float
+    grad_clip: float | bool  # False: no clipping
+    seed: int
+    precision: str  # auto | bf16 | fp32; the train stage resolves auto for its device
+    nproc: int
+    nnodes: int
+    sync_bn: bool
+
+    @classmethod
+    def from_params(cls, params):
+        return cls(**params["train"])
+
+    @property
+    def world_size(self):
+        return self.nproc * self.nnodes
+
+
+@dataclass(frozen=True)
+class System:
+    """The `system` section: where and how a run executes, never what it computes, so no stage depends on it
+    and changing it neither reruns training nor invalidates a checkpoint. compile is here because
+    torch.compile changes the results only by floating-point rounding (as another GPU model would); the
+    rendezvous address and port cannot change them at all."""
+    compile: bool
+    master_addr: str
+    master_port: int
+
+    @classmethod
+    def from_params(cls, params):
+        return cls(**params["system"])
+
+
+def check_params(params, source=PARAMS_FILE):
     """Check every section and key against SCHEMA; the error names the key, the value and what is allowed."""
     if not isinstance(params, dict):
         raise UserError(f"{source}: expected a mapping of sections {', '.join(SCHEMA)}")
@@ -150,4 +196,4 @@ def load_params(path=PARAMS_FILE):
         raise UserError(f"{path}: not found; run the stages from the repository root")
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})")
-    return validate(params, path)
+    return check_params(params, path)

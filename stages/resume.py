@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,36 +20,59 @@ from .workspace import BATCHES_DIR, STATS_FILE, UserError, atomic_path
 CHECKPOINT_FILE = Path("models/checkpoint.pt")
 
 
-def fingerprint(params, device):
-    """What a checkpoint must share with this run to be resumed: the model and train params, the device
-    type (RNG states differ between CPU and CUDA), the data (the batch files and data/stats.json, by
-    content) and the code that trains (every module of this package that is loaded)."""
-    digest = hashlib.sha256(json.dumps({"model": params["model"], "train": params["train"], "device": device.type},
-                                       sort_keys=True).encode())
-    here = Path(__file__).resolve().parent  # the stage scripts run as __main__, so look by folder, not name
-    code = sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
+@dataclass
+class Progress:
+    """How far a run of `epochs` epochs has come: the finished epochs' rows (as logged), the best validation
+    accuracy so far, and the seconds spent training (the epochs alone) and in all (validation and saving too)."""
+    epochs: int
+    finished: int = 0  # epochs finished and saved
+    history: list = field(default_factory=list)
+    best_val_acc: float = 0.0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def stop_message(self):
+        """Where a stopped run stands, for the message of StopSignals."""
+        resume = f"{CHECKPOINT_FILE} holds it: rerun to resume" if self.finished else "nothing to resume"
+        return f"after epoch {self.finished}/{self.epochs}; {resume}"
+
+
+def loaded_code():
+    """The files of this package's modules that are loaded: the code that trains. (The stage script runs as
+    __main__, so modules are found by their folder, not by their name.)"""
+    here = Path(__file__).resolve().parent
+    return sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
                    if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent == here})
-    for path in [*sorted(Path(BATCHES_DIR).iterdir()), Path(STATS_FILE), *code]:
+
+
+def fingerprint(params, device):
+    """What a checkpoint must share with this run to be resumed: the model and train params (not `system`:
+    it never changes what is computed), the device type (RNG states differ between CPU and CUDA), the data
+    (the batch files and data/stats.json, by content) and the code that trains (loaded_code)."""
+    digest = hashlib.sha256(json.dumps({"model": dict(params["model"]), "train": dict(params["train"]),
+                                        "device": device.type}, sort_keys=True).encode())
+    for path in [*sorted(Path(BATCHES_DIR).iterdir()), Path(STATS_FILE), *loaded_code()]:
         digest.update(path.name.encode())
         with open(path, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
 
 
-def save_checkpoint(path, run_fingerprint, progress, model, optimizer, scheduler, generator):
-    """Everything to continue after `progress['epoch']` finished epochs exactly as if never stopped."""
+def save_checkpoint(path, run_fingerprint, progress, trainer):
+    """Everything to continue after `progress.finished` finished epochs exactly as if never stopped."""
     state = {
-        "fingerprint": run_fingerprint, "progress": progress,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"generator": generator.get_state(), "cpu": torch.get_rng_state(),
+        "fingerprint": run_fingerprint, "progress": asdict(progress),
+        "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "rng": {"generator": trainer.generator.get_state(), "cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path, run_fingerprint, model, optimizer, scheduler, generator):
-    """Restore the training state from `path` and return its progress, or return None (saying why) when
+def load_checkpoint(path, run_fingerprint, trainer):
+    """Restore the trainer's state from `path` and return its Progress, or return None (saying why) when
     there is no checkpoint or it belongs to other params, data or code: training then starts afresh."""
     path = Path(path)
     if not path.is_file():
@@ -62,14 +86,14 @@ def load_checkpoint(path, run_fingerprint, model, optimizer, scheduler, generato
     if stale:
         print(f"{path}: from other params, data or code; starting afresh")
         return None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["rng"]["generator"])
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.generator.set_state(state["rng"]["generator"])
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["progress"]
+    return Progress(**state["progress"])
 
 
 class Stopped(UserError):

@@ -1,38 +1,141 @@
-"""Stage train: the study's recipe on the `model` and `train` params.
+"""Stage train: the study's recipe (the `train` params) on the `model` params.
 
-Writes models/model.pt (weights, architecture, normalization), models/summary.txt (the layer table) and,
-through DVCLive, metrics/train/ (per-epoch curves and the training summary). After every epoch it saves
-models/checkpoint.pt, from which a rerun with the same params, data and code resumes (see resume.py)."""
+Writes models/model.pt (weights, architecture, normalization), models/summary.txt (the layer table), through
+DVCLive metrics/train/ (per-epoch curves, the last epoch's values), and metrics/train/run.json (parameters,
+training time, images/s). After every epoch it saves models/checkpoint.pt, from which a rerun with the same
+params, data and code resumes (see resume.py)."""
 import copy
 import io
 import sys
 import time
 from contextlib import redirect_stdout
+from dataclasses import replace
 
 import torch
-from dvclive import Live
 from torchsummary import summary
 from tqdm import tqdm
 
 from . import distributed
-from .augment import Normalizer, reflect_pad
 from .cifar10 import load_split, read_classes
+from .live import log_epoch, open_log
 from .model import build_model, count_parameters, save_model
-from .params import load_params
-from .resume import CHECKPOINT_FILE, StopSignals, fingerprint, load_checkpoint, save_checkpoint
-from .training import (
-    make_optimizer,
-    make_scheduler,
-    pick_device,
-    prepare_model,
-    resolve_precision,
-    steps_per_epoch,
-    train_epoch,
-    validate,
+from .params import Recipe, System, load_params
+from .resume import CHECKPOINT_FILE, Progress, StopSignals, fingerprint, load_checkpoint, save_checkpoint
+from .training import Data, make_trainer, pick_device, resolve_precision, train_epoch, validation_scores
+from .workspace import (
+    BATCHES_DIR,
+    MODEL_FILE,
+    RUN_METRICS_FILE,
+    STATS_FILE,
+    SUMMARY_FILE,
+    read_json,
+    run,
+    write_json,
+    write_text,
 )
-from .workspace import BATCHES_DIR, MODEL_FILE, STATS_FILE, SUMMARY_FILE, TRAIN_LOG_DIR, read_json, run, write_text
 
-PAD = 4  # reflect-pad 4, then random 32x32 crops
+
+def main(argv=None):
+    """Check everything the run needs, then train here or, for several processes, launch them.
+
+    With train.nproc * train.nnodes > 1 this first process is only the launcher: torchrun starts
+    `python -m stages.train` once per rank, and every rank comes back through main(), passes the same checks
+    (cheap, and each rank needs their results) and, being under torchrun, trains."""
+    params = load_params()
+    recipe, system = Recipe.from_params(params), System.from_params(params)
+    node = distributed.node_rank(argv, recipe)
+    torch.manual_seed(recipe.seed)
+    model = build_model(**params["model"])  # the budget is checked before any work
+    stats = read_json(STATS_FILE, "stats")
+    classes = read_classes(BATCHES_DIR)
+    distributed.check(recipe, pick_device())
+    if distributed.needs_launch(recipe):
+        distributed.launch(recipe, system, node, "stages.train")
+    else:
+        train(params, recipe, system, model, stats, classes)
+
+
+def train(params, recipe, system, model, stats, classes):
+    """This process's training, the only one or one rank of several: every epoch logged and checkpointed,
+    then the run's metrics and (rank 0) the model."""
+    context = distributed.setup(pick_device())  # under torchrun: joins the process group
+    recipe = replace(recipe, precision=resolve_precision(recipe.precision, context.device))
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+
+    # The data on the device
+    data = Data.on_device(load_split(BATCHES_DIR, "train"), load_split(BATCHES_DIR, "test"), stats, context.device)
+    if context.is_main:
+        write_text(SUMMARY_FILE, layer_table(model))
+    num_params = count_parameters(model)
+
+    # Build the run, or restore it from the checkpoint of an interrupted one
+    trainer = make_trainer(model, recipe, context, system.compile, len(data.labels))
+    run_fingerprint = fingerprint(params, context.device)
+    progress = restore(trainer, run_fingerprint, recipe)
+    print(f"training {num_params:,} parameters on {context.device} in {recipe.precision}"
+          f"{', compiled' if system.compile else ''}"
+          f"{f', {context.world_size} processes' if context.world_size > 1 else ''}: "
+          f"{len(data.labels)} train / {len(data.test_labels)} test images")
+
+    # Train, log and save one epoch at a time
+    start, wall_before = time.perf_counter(), progress.wall_seconds
+    stopped = StopSignals(progress.stop_message)
+    with open_log(context) as live, stopped:
+        for row in progress.history:  # the finished epochs' curves, as the interrupted run logged them
+            log_epoch(live, row)
+        for epoch in range(progress.finished + 1, recipe.epochs + 1):
+            row = run_epoch(trainer, data, recipe, context, progress, epoch)
+            log_epoch(live, row)
+            progress.wall_seconds = wall_before + time.perf_counter() - start
+            with stopped.deferred():  # a signal now waits until this epoch is saved
+                if context.is_main:
+                    save_checkpoint(CHECKPOINT_FILE, run_fingerprint, progress, trainer)
+        progress.wall_seconds = wall_before + time.perf_counter() - start
+        live.log_metric("best_val_acc", progress.best_val_acc, plot=False)
+
+    # The run's metrics and the model
+    if context.is_main:
+        write_json(RUN_METRICS_FILE, run_metrics(progress, num_params, len(data.labels)))
+        # the unwrapped model: the same state_dict keys as on one process
+        save_model(MODEL_FILE, trainer.model, stats, classes, recipe.precision)
+        CHECKPOINT_FILE.unlink(missing_ok=True)  # done: a later forced rerun trains afresh
+    print(f"final val acc {progress.history[-1]['val/acc']:.4f}, best {progress.best_val_acc:.4f}, "
+          f"{progress.wall_seconds:.0f} s; saved {MODEL_FILE}")
+
+
+def restore(trainer, run_fingerprint, recipe):
+    """The Progress of the interrupted run the checkpoint holds (the trainer restored to it), or a fresh one.
+    Every rank restores the same state from models/, which a single node's ranks share; rank 0 alone saves
+    it. Other nodes do not have it, so a run over several nodes always starts afresh."""
+    progress = None if recipe.nnodes > 1 else load_checkpoint(CHECKPOINT_FILE, run_fingerprint, trainer)
+    if progress:
+        print(f"resuming from {CHECKPOINT_FILE} after epoch {progress.finished}/{recipe.epochs}")
+        return progress
+    return Progress(recipe.epochs)
+
+
+def run_epoch(trainer, data, recipe, context, progress, epoch):
+    """Train one epoch, validate, and record it in `progress`; returns its row of the curves."""
+    epoch_start = time.perf_counter()
+    train_loss, train_acc = train_epoch(trainer, data, recipe, context, desc=f"epoch {epoch}/{recipe.epochs}")
+    train_loss, train_acc = train_loss.item(), train_acc.item()  # one host sync per epoch
+    progress.train_seconds += time.perf_counter() - epoch_start
+    val_loss, val_acc = (v.item() for v in validation_scores(trainer, data, recipe, context))
+    lr = trainer.scheduler.get_last_lr()[0]
+    row = {"step": epoch, "train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss,
+           "val/acc": val_acc, "lr": lr}
+    tqdm.write(f"epoch {epoch}/{recipe.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+               f"val loss {val_loss:.4f} acc {val_acc:.4f} | lr {lr:.2e}")  # rank > 0: stdout is silenced
+    progress.finished = epoch
+    progress.history.append(row)
+    progress.best_val_acc = max(progress.best_val_acc, val_acc)
+    return row
+
+
+def run_metrics(progress, num_params, num_images):
+    """What `dvc exp show` compares runs by, besides test accuracy: their size, training time and speed."""
+    return {"params": num_params, "wall_time_s": round(progress.wall_seconds, 2),
+            "images_per_s": round(progress.finished * num_images / progress.train_seconds, 1)}
 
 
 def layer_table(model):
@@ -43,107 +146,5 @@ def layer_table(model):
     return f"ResNet {model.config}\n{out.getvalue()}"
 
 
-def log_epoch(live, row):
-    """One epoch's point on every DVCLive curve (the step is the epoch)."""
-    live.step = row["step"]
-    for name, value in row.items():
-        if name != "step":
-            live.log_metric(name, value)
-    live.next_step()
-
-
-def main(argv=None):
-    params = load_params()
-    arch, train = params["model"], params["train"]
-    node = distributed.node_rank(argv, train)
-    torch.manual_seed(train["seed"])
-    model = build_model(arch["blocks"], arch["widths"], arch["max_params"])  # the budget is checked first
-    num_params = count_parameters(model)
-    stats = read_json(STATS_FILE, "stats")
-    classes = read_classes(BATCHES_DIR)
-    distributed.check(train, pick_device())
-    if distributed.needs_launch(train):  # train.nproc * train.nnodes > 1: this process starts the ranks
-        distributed.launch(train, node, "stages.train")
-        return
-    context = distributed.setup(pick_device())  # under torchrun: joins the process group
-    rank, world_size = context.rank, context.world_size
-    train_images, train_labels = load_split(BATCHES_DIR, "train")
-    test_images, test_labels = load_split(BATCHES_DIR, "test")
-    if context.is_main:
-        write_text(SUMMARY_FILE, layer_table(model))
-
-    device = context.device
-    train = {**train, "precision": resolve_precision(train["precision"], device)}
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    # The whole data set stays on the device as uint8; the reflect padding never changes, so pad once.
-    padded = reflect_pad(train_images.to(device), PAD)
-    train_labels, test_images, test_labels = train_labels.to(device), test_images.to(device), test_labels.to(device)
-    normalize = Normalizer(stats["mean"], stats["std"], device)
-    model, step_model = prepare_model(model, device, train["compile"],
-                                      lambda m: distributed.wrap(m, context, train["sync_bn"]))
-    eval_model = step_model if world_size == 1 else model  # DDP's forward is for the training steps
-    optimizer = make_optimizer(model, train)
-    scheduler = make_scheduler(optimizer, train, steps_per_epoch(len(train_labels), train["batch_size"]))
-    generator = torch.Generator(device).manual_seed(train["seed"])
-    print(f"training {num_params:,} parameters on {device} in {train['precision']}"
-          f"{', compiled' if train['compile'] else ''}{f', {world_size} processes' if world_size > 1 else ''}: "
-          f"{len(train_labels)} train / {len(test_labels)} test images")
-
-    run_fingerprint = fingerprint(params, device)
-    # Every rank restores the same state from models/, which a single node's ranks share; rank 0 alone saves
-    # it. Other nodes do not have it, so a run over several nodes always starts afresh.
-    progress = None if train["nnodes"] > 1 else load_checkpoint(CHECKPOINT_FILE, run_fingerprint, model, optimizer,
-                                                                 scheduler, generator)
-    if progress:
-        print(f"resuming from {CHECKPOINT_FILE} after epoch {progress['epoch']}/{train['epochs']}")
-    else:
-        progress = {"epoch": 0, "history": [], "best_val_acc": 0.0, "train_seconds": 0.0, "wall_seconds": 0.0}
-
-    start, wall_before = time.perf_counter(), progress["wall_seconds"]
-    stopped = StopSignals(lambda: f"after epoch {progress['epoch']}/{train['epochs']}; " + (
-        f"{CHECKPOINT_FILE} holds it: rerun to resume" if progress["epoch"] else "nothing to resume"))
-    live = Live(dir=str(TRAIN_LOG_DIR), dvcyaml=False, save_dvc_exp=False) if context.is_main else distributed.NoLive()
-    with live, stopped:
-        for row in progress["history"]:  # the finished epochs' curves, as the interrupted run logged them
-            log_epoch(live, row)
-        for epoch in range(progress["epoch"] + 1, train["epochs"] + 1):
-            epoch_start = time.perf_counter()
-            train_loss, train_acc = train_epoch(step_model, optimizer, scheduler, padded, train_labels, normalize,
-                                                train, generator, desc=f"epoch {epoch}/{train['epochs']}",
-                                                rank=rank, world_size=world_size)
-            train_loss, train_acc = train_loss.item(), train_acc.item()  # one host sync per epoch
-            progress["train_seconds"] += time.perf_counter() - epoch_start
-            val_loss, val_acc = validate(eval_model, test_images, test_labels, normalize, train["batch_size"],
-                                         train["precision"], rank, world_size)
-            val_loss, val_acc = val_loss.item(), val_acc.item()
-            progress["best_val_acc"] = max(progress["best_val_acc"], val_acc)
-            lr = scheduler.get_last_lr()[0]
-
-            row = {"step": epoch, "train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss,
-                   "val/acc": val_acc, "lr": lr}
-            log_epoch(live, row)
-            tqdm.write(f"epoch {epoch}/{train['epochs']}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
-                       f"val loss {val_loss:.4f} acc {val_acc:.4f} | lr {lr:.2e}")  # rank > 0: stdout is silenced
-            progress["epoch"] = epoch
-            progress["history"].append(row)
-            progress["wall_seconds"] = wall_before + time.perf_counter() - start
-            with stopped.deferred():  # a signal now waits until this epoch is saved
-                if context.is_main:
-                    save_checkpoint(CHECKPOINT_FILE, run_fingerprint, progress, model, optimizer, scheduler,
-                                    generator)
-
-        wall_seconds = wall_before + time.perf_counter() - start
-        summary_values = {"params": num_params, "best_val_acc": progress["best_val_acc"],
-                          "wall_time_s": round(wall_seconds, 2),
-                          "images_per_s": round(train["epochs"] * len(train_labels) / progress["train_seconds"], 1)}
-        for name, value in summary_values.items():
-            live.log_metric(name, value, plot=False)
-    if context.is_main:  # the unwrapped model: the same state_dict keys as on one process
-        save_model(MODEL_FILE, model, {"mean": stats["mean"], "std": stats["std"]}, classes, train["precision"])
-        CHECKPOINT_FILE.unlink(missing_ok=True)  # done: a later forced rerun trains afresh
-    print(f"final val acc {progress['history'][-1]['val/acc']:.4f}, best {progress['best_val_acc']:.4f}, "
-          f"{wall_seconds:.0f} s; saved {MODEL_FILE}")
-
-
 if __name__ == "__main__":
-    run(lambda: main(sys.argv[1:]))
+    run(main, sys.argv[1:])

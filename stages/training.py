@@ -1,14 +1,18 @@
-"""The training engine: optimizer, schedule, one epoch of training, evaluation. Used by the train stage
-and the benchmark alike, so what is measured is what trains."""
+"""The training engine: the data set on the device, the model with its optimizer and schedule, one epoch of
+training, validation and scoring. Used by the train stage and the benchmark alike, so what is measured is
+what trains."""
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import random_crop_flip
-from .distributed import all_sum, broadcast_buffers, shard
+from .augment import Normalizer, random_crop_flip, reflect_pad
+from .distributed import Context, all_sum, broadcast_buffers, shard, wrap
 
 CROP_SIZE = 32
+PAD = 4  # the study's reflect-pad 4, then random 32x32 crops
 
 
 def pick_device():
@@ -36,27 +40,68 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def prepare_model(model, device, compile, wrap=None):
-    """The model on the device in channels_last (the fast layout for convolutions, in oneDNN and cuDNN),
-    and the module to call in the steps: wrap(model) if given (DistributedDataParallel), torch.compile'd
-    when asked, sharing the same parameters."""
+@dataclass
+class Data:
+    """The data set on the training device, as uint8: the training images reflect-padded once (the padding
+    never changes; every batch is cropped from it), the test images as they are."""
+    padded: torch.Tensor
+    labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    normalize: Normalizer
+
+    @classmethod
+    def on_device(cls, train, test, stats, device):
+        """From (images, labels) of each split (uint8 [N, 3, 32, 32], int64 [N]) and {mean, std}."""
+        (images, labels), (test_images, test_labels) = train, test
+        return cls(reflect_pad(images.to(device), PAD), labels.to(device), test_images.to(device),
+                   test_labels.to(device), Normalizer(stats["mean"], stats["std"], device))
+
+
+@dataclass
+class Trainer:
+    """The model and everything that updates it. `model` is the module that is saved; `step_model` is what
+    the training steps call (DistributedDataParallel around it on several ranks, torch.compile'd when asked),
+    sharing its parameters; `eval_model` what validation calls (DDP's forward is for training steps only)."""
+    model: nn.Module
+    step_model: nn.Module
+    eval_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # the order and the augmentation: seeded, saved in the checkpoint
+
+
+def make_trainer(model, recipe, context, compile, num_images):
+    """The model on the context's device in channels_last (the fast layout for convolutions, in oneDNN and
+    cuDNN), wrapped for several ranks and compiled if asked, with Adam and OneCycle for `num_images` per epoch."""
+    model, step_model = prepare_model(model, context.device, compile, context, recipe.sync_bn)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch(num_images, recipe.batch_size))
+    generator = torch.Generator(context.device).manual_seed(recipe.seed)
+    eval_model = step_model if context.world_size == 1 else model
+    return Trainer(model, step_model, eval_model, optimizer, scheduler, generator)
+
+
+def prepare_model(model, device, compile, context=None, sync_bn=False):
+    """(model on the device in channels_last, the module the steps call: DDP around it on several ranks,
+    torch.compile'd when asked)."""
     model = model.to(device, memory_format=torch.channels_last)
-    step_model = wrap(model) if wrap else model
+    step_model = wrap(model, context or Context(device), sync_bn)
     return model, torch.compile(step_model) if compile else step_model
 
 
-def make_optimizer(model, train):
+def make_optimizer(model, recipe):
     """Adam with L2 weight decay, as in the study; CUDA's fused kernel updates all parameters at once."""
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.Adam(model.parameters(), lr=train["max_lr"], weight_decay=train["weight_decay"], fused=fused)
+    return torch.optim.Adam(model.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay, fused=fused)
 
 
-def make_scheduler(optimizer, train, steps_per_epoch):
-    """OneCycle, stepped every batch: warm up to train.max_lr over train.warmup_fraction of the steps,
-    then cosine-anneal towards zero."""
+def make_scheduler(optimizer, recipe, steps_per_epoch):
+    """OneCycle, stepped every batch: warm up to max_lr over warmup_fraction of the steps, then cosine-anneal
+    towards zero."""
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=train["max_lr"], total_steps=train["epochs"] * steps_per_epoch,
-        pct_start=train["warmup_fraction"],
+        optimizer, max_lr=recipe.max_lr, total_steps=recipe.epochs * steps_per_epoch,
+        pct_start=recipe.warmup_fraction,
     )
 
 
@@ -64,57 +109,60 @@ def steps_per_epoch(num_images, batch_size):
     return -(-num_images // batch_size)  # the last, smaller batch is kept
 
 
-def train_epoch(model, optimizer, scheduler, padded_images, labels, normalize, train, generator, desc="train",
-                rank=0, world_size=1):
+def train_epoch(trainer, data, recipe, context, desc="train"):
     """One pass over the padded uint8 training set (on the training device) in a fresh random order, in
-    train["precision"] ('bf16' or 'fp32', resolved). Returns (mean loss, accuracy) as device tensors:
+    recipe.precision ('bf16' or 'fp32', resolved). Returns (mean loss, accuracy) as device tensors:
     nothing is read back to the host per step, so a GPU never waits for the Python loop.
 
-    On several ranks (`model` in DistributedDataParallel), every rank draws the same order and crops from
-    the same seeded generator, and takes its own slice of each global batch of train["batch_size"]. Its
+    On several ranks (`step_model` in DistributedDataParallel), every rank draws the same order and crops from
+    the same seeded generator, and takes its own slice of each global batch of recipe.batch_size. Its
     loss is its images' summed loss * world_size / global batch, so that DDP's average of the ranks'
     gradients is the gradient of the global batch's mean loss: one step means the same at any process
     count. The sums of loss and hits are all-reduced once, at the end of the epoch."""
+    model, optimizer, generator = trainer.step_model, trainer.optimizer, trainer.generator
     model.train()
-    device = padded_images.device
+    device, labels = data.padded.device, data.labels
     order = torch.randperm(len(labels), device=device, generator=generator)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for batch in tqdm(order.split(train["batch_size"]), desc=desc, leave=False, unit="batch", disable=rank != 0):
-        part = shard(len(batch), rank, world_size)
-        x = normalize(random_crop_flip(padded_images[batch[part]], CROP_SIZE, generator, part.start, len(batch)))
+    for batch in tqdm(order.split(recipe.batch_size), desc=desc, leave=False, unit="batch",
+                      disable=not context.is_main):
+        part = shard(len(batch), context.rank, context.world_size)
+        x = data.normalize(random_crop_flip(data.padded[batch[part]], CROP_SIZE, generator, part.start, len(batch)))
         y = labels[batch[part]]
-        with autocast(device, train["precision"]):
+        with autocast(device, recipe.precision):
             logits = model(x)
             summed = F.cross_entropy(logits, y, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
-        (summed * (world_size / len(batch))).backward()
-        if train["grad_clip"]:  # after backward's all-reduce: the same averaged gradients on every rank
-            nn.utils.clip_grad_value_(model.parameters(), train["grad_clip"])
+        (summed * (context.world_size / len(batch))).backward()
+        if recipe.grad_clip:  # after backward's all-reduce: the same averaged gradients on every rank
+            nn.utils.clip_grad_value_(trainer.model.parameters(), recipe.grad_clip)
         optimizer.step()
-        scheduler.step()
+        trainer.scheduler.step()
         loss_sum += summed.detach()
         correct += (logits.argmax(1) == y).sum()
-    if world_size > 1:
+    if context.world_size > 1:
         loss_sum, correct = all_sum(loss_sum, correct)
     return loss_sum / len(labels), correct / len(labels)
 
 
-def validate(model, images, labels, normalize, batch_size, precision, rank=0, world_size=1):
-    """(mean loss, accuracy) of the model on the whole set. On several ranks, every rank takes rank 0's
-    buffers (the model rank 0 saves), evaluates its own shard of the set, and the sums are all-reduced."""
-    if world_size == 1:
-        return evaluate(model, images, labels, normalize, batch_size, precision)[:2]
+def validation_scores(trainer, data, recipe, context):
+    """(mean loss, accuracy) of the model on the whole test set. On several ranks, every rank takes rank 0's
+    buffers (the model rank 0 saves), scores its own shard of the set, and the sums are all-reduced."""
+    model, images, labels = trainer.eval_model, data.test_images, data.test_labels
+    if context.world_size == 1:
+        return score(model, images, labels, data.normalize, recipe.batch_size, recipe.precision)[:2]
     broadcast_buffers(model)
-    part = shard(len(labels), rank, world_size)
+    part = shard(len(labels), context.rank, context.world_size)
     n = part.stop - part.start
-    loss, accuracy, _ = evaluate(model, images[part], labels[part], normalize, batch_size, precision)
+    loss, accuracy, _ = score(model, images[part], labels[part], data.normalize, recipe.batch_size,
+                              recipe.precision)
     loss_sum, correct = all_sum(loss * n, accuracy * n)
     return loss_sum / len(labels), correct / len(labels)
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, normalize, batch_size, precision):
+def score(model, images, labels, normalize, batch_size, precision):
     """(mean loss, accuracy, predictions) of the model in eval mode on uint8 images [N, 3, 32, 32]."""
     model.eval()
     loss_sum = torch.zeros((), device=images.device)

@@ -7,14 +7,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DATA_DIR = Path("data")
-BATCHES_DIR = DATA_DIR / "cifar-10-batches-py"
+BATCHES_DIR = DATA_DIR / "cifar-10-batches-py"  # the archive's folder (cifar10.ARCHIVE_FOLDER), extracted as is
 STATS_FILE = DATA_DIR / "stats.json"
 MODEL_FILE = Path("models/model.pt")
-SUMMARY_FILE = Path("models/summary.txt")
-TRAIN_LOG_DIR = Path("metrics/train")  # DVCLive: metrics.json + plots/metrics/**.tsv
+SUMMARY_FILE = Path("models/summary.txt")  # torchsummary's layer table
+TRAIN_LOG_DIR = Path("metrics/train")  # DVCLive: metrics.json (last epoch's values) + plots/metrics/**.tsv
 CURVES_DIR = TRAIN_LOG_DIR / "plots" / "metrics"
+RUN_METRICS_FILE = TRAIN_LOG_DIR / "run.json"  # the run's size, time and speed: a column each in dvc exp show
 EVALUATE_DIR = Path("metrics/evaluate")
-TEST_METRICS_FILE = EVALUATE_DIR / "metrics.json"
+TEST_METRICS_FILE = EVALUATE_DIR / "metrics.json"  # test accuracy and loss
+PER_CLASS_FILE = EVALUATE_DIR / "per_class.json"  # test accuracy per class: a plot, not a column
 CONFUSION_FILE = EVALUATE_DIR / "confusion.json"
 PLOTS_DIR = Path("plots")
 
@@ -23,11 +25,11 @@ class UserError(Exception):
     """Bad input (params, URL, archive, checkpoint): reported as one line, no traceback."""
 
 
-def run(main):
-    """Run a stage's main(); a UserError becomes 'error: <message>' on stderr and exit status 1 (or the
+def run(main, *args):
+    """Run a stage's main(*args); a UserError becomes 'error: <message>' on stderr and exit status 1 (or the
     error's own `exit_status`)."""
     try:
-        main()
+        main(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_status", 1))

@@ -1,15 +1,20 @@
 """Shared fixtures: a small synthetic CIFAR-10 archive in the official layout, served over HTTP on 127.0.0.1,
-so the real download, checksum and extraction code runs without the internet."""
+so the real download, checksum and extraction code runs without the internet; and the DVC repositories that
+many tests start from, built once per test run."""
 import functools
 import hashlib
 import http.server
 import io
 import pickle
+import re
 import tarfile
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+from dvcrepo import copy_repo, dvc, make_repo, run, training_results
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # One colour per class, far apart: a tiny network tells them apart in a few epochs, and crops and flips
@@ -92,3 +97,44 @@ def archive(archive_dir, server_url):
     """(URL, md5) of the synthetic archive on the local HTTP server."""
     return f"{server_url}/cifar-10-python.tar.gz", (archive_dir / "md5.txt").read_text()
 
+
+
+@dataclass
+class Pipeline:
+    """A test repository and what building it printed."""
+    repo: Path
+    output: str  # of the `dvc repro` that built it
+    results: dict = None  # training_results of the baseline
+    experiment: str = ""  # the name of the experiment on top, if any
+    experiment_output: str = ""  # of its `dvc exp run`
+    experiment_results: dict = None  # its training_results
+
+
+@pytest.fixture(scope="session")
+def data_repo(tmp_path_factory, archive):
+    """This project in a git repository, on the synthetic archive with the tiny settings, its download and
+    stats stages run and committed with their dvc.lock: where the DVC tests start. A test that changes a
+    repository works on its own copy (dvcrepo.copy_repo)."""
+    repo = make_repo(tmp_path_factory.mktemp("data-repo"), archive)
+    output = dvc(repo, "repro", "stats")
+    run(repo, "git", "add", "dvc.lock")
+    run(repo, "git", "commit", "-qm", "data")
+    return Pipeline(repo, output)
+
+
+@pytest.fixture(scope="session")
+def trained_repo(tmp_path_factory, data_repo):
+    """data_repo with the rest of the pipeline run and committed (the baseline, HEAD), and one experiment on
+    top (model.blocks=[1,1,1,1]), with what each training decided: the reference runs other tests compare
+    with. The work tree is back at the baseline."""
+    repo = copy_repo(data_repo.repo, tmp_path_factory.mktemp("trained-repo") / "repo")
+    output = dvc(repo, "repro")
+    baseline = training_results(repo)
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "baseline")
+    experiment = dvc(repo, "exp", "run", "-S", "model.blocks=[1,1,1,1]")
+    shallow = training_results(repo)
+    run(repo, "git", "reset", "-q", "--hard")
+    dvc(repo, "checkout", "--force")
+    name = re.search(r"Ran experiment\(s\): (\S+)", experiment).group(1)
+    return Pipeline(repo, output, baseline, name, experiment, shallow)

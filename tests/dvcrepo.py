@@ -5,22 +5,28 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 TRACKED = ["stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
            "data/.gitignore", "models/.gitignore", "metrics/.gitignore", "plots/.gitignore", "plots_template"]
+CHECKPOINT = "models/checkpoint.pt"
 TIMING = {"wall_time_s", "images_per_s"}  # measurements of the machine, not results of the training
 TINY = {"model__widths": [8, 16, 32, 64], "train__epochs": 3, "train__batch_size": 50}
 
 
 def env():
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python` in dvc.yaml is this one
+    """The environment of every command the tests run: this Python first on PATH (`python` in dvc.yaml is
+    this one), no GPU (the CPU tests rely on the CPU's determinism and its one device; the GPU tests say so
+    and run in-process), no analytics, and a git identity for the commits DVC's experiments make."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     git_user = {f"GIT_{role}_{field}": value for role in ["AUTHOR", "COMMITTER"]
                 for field, value in [("NAME", "test"), ("EMAIL", "test@example.com")]}
-    return {**os.environ, **git_user, "DVC_NO_ANALYTICS": "1", "PATH": path}
+    return {**os.environ, **git_user, "DVC_NO_ANALYTICS": "1", "CUDA_VISIBLE_DEVICES": "", "PATH": path}
 
 
 def run(repo, *args, timeout=None):
@@ -45,6 +51,19 @@ def stages_run(output):
 
 def results(metrics):
     return {k: v for k, v in metrics.items() if k not in TIMING}
+
+
+CURVES = ["train/loss", "train/acc", "val/loss", "val/acc", "lr"]
+
+
+def training_results(repo):
+    """What a training run decides (no timings): its metrics, every curve, the model, the test evaluation."""
+    found = {"metrics": results(read_json(repo, "metrics/train/metrics.json")),
+             "curves": {name: (repo / f"metrics/train/plots/metrics/{name}.tsv").read_text() for name in CURVES},
+             "model": (repo / "models/model.pt").read_bytes()}
+    if (repo / "metrics/evaluate/metrics.json").is_file():
+        found["evaluate"] = read_json(repo, "metrics/evaluate/metrics.json")
+    return found
 
 
 def set_params(repo, **changes):
@@ -74,14 +93,65 @@ def make_repo(repo, archive, **params):
     url, md5 = archive
     set_params(repo, data__url=url, data__md5=md5, **{**TINY, **params})
     run(repo, "git", "init", "-q")
+    # in the repository itself too: one of DVC's git back ends reads no GIT_* identity variables
+    run(repo, "git", "config", "user.name", "test")
+    run(repo, "git", "config", "user.email", "test@example.com")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "pipeline")
     return repo
 
 
+def copy_repo(repo, target):
+    """A copy of a test repository (work tree, git, DVC cache) at `target`, to change without touching the
+    original: much cheaper than rerunning its stages."""
+    shutil.copytree(repo, target, symlinks=True, ignore=shutil.ignore_patterns("dvc_plots"))
+    return Path(target)
+
+
 def assert_curves_overlaid(repo, *revs):
     """`dvc plots diff` of `revs` draws every revision's loss, accuracy and learning-rate curves in one plot."""
     plots = json.loads(dvc(repo, "plots", "diff", *revs, "--json"))["data"]
+    declared = {plot_id: spec for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+                if isinstance(entry, dict) for plot_id, spec in entry.items()}
     for plot_id in ["loss", "accuracy", "learning_rate"]:
         values = plots[plot_id][0]["content"]["data"]["values"]
         assert {v["rev"] for v in values} == set(revs), plot_id
+        paths = list(declared[plot_id]["y"])
+        for rev in revs:  # every revision brings each declared file's curve (DVC names them by their ends)
+            mine = [v for v in values if v["rev"] == rev]
+            files = {v["filename"] for v in mine} if len(paths) > 1 else set(paths)  # one file: no filename field
+            assert mine and len(files) == len(paths), (plot_id, rev, files)
+            assert all(any(path.endswith(name) for name in files) for path in paths), (plot_id, rev, files)
+
+
+def finished_epochs(repo):
+    try:
+        return torch.load(repo / CHECKPOINT, weights_only=True)["progress"]["finished"]
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for_experiments(repo, names, timeout=900):
+    """Wait until each name has an experiment ref, reading git's refs only: polling `dvc queue status` makes
+    the worker read the broker's control messages, and a message read half-written crashes it (dvc 3.67)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        refs = run(repo, "git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
+        if set(names) <= {ref.rsplit("/", 1)[1] for ref in refs if not ref.startswith("refs/exps/celery/")}:
+            return
+        failed = "refs/exps/celery/failed" in refs
+        assert not failed and time.monotonic() < deadline, dvc(repo, "queue", "status")
+        time.sleep(2)
+
+
+def stop_after_first_epoch(repo, process, signum):
+    """Send `signum` to the process group of `process` once the checkpoint holds a finished epoch; returns
+    (exit status, stderr, the finished epochs the checkpoint held when the signal was sent)."""
+    deadline = time.monotonic() + 300
+    while (epoch := finished_epochs(repo)) < 1:
+        assert process.poll() is None, f"exited before a checkpoint:\n{process.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.02)
+    os.killpg(process.pid, signum)
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr, epoch

@@ -2,24 +2,26 @@
 line, and one step on 2 processes with half the batch each against 1 process with the whole batch."""
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dvcrepo import dvc, make_repo, read_json, run, set_params, stages_run
+from dvcrepo import copy_repo, dvc, env, make_repo, read_json, run, set_params, stages_run
 from test_pipeline import OUTPUTS
 from torch import nn
 
-from stages.augment import Normalizer, random_crop_flip, reflect_pad
-from stages.distributed import Context, check, node_rank, shard, torchrun_args, wrap
+from stages.augment import random_crop_flip, reflect_pad
+from stages.distributed import Context, check, node_rank, shard, torchrun_args
 from stages.model import ResNet
-from stages.training import make_optimizer, make_scheduler, train_epoch
+from stages.params import Recipe, System
+from stages.training import Data, make_trainer, train_epoch
 from stages.workspace import UserError
 
-TRAIN = {"epochs": 1, "batch_size": 50, "max_lr": 0.01, "warmup_fraction": 0.3, "weight_decay": 1e-4,
-         "grad_clip": 0.1, "seed": 0, "precision": "fp32", "compile": False, "nproc": 2, "nnodes": 1,
-         "master_addr": "localhost", "master_port": 29500, "sync_bn": False}
+TRAIN = Recipe(epochs=1, batch_size=50, max_lr=0.01, warmup_fraction=0.3, weight_decay=1e-4, grad_clip=0.1, seed=0,
+               precision="fp32", nproc=2, nnodes=1, sync_bn=False)
+SYSTEM = System(compile=False, master_addr="localhost", master_port=29500)
 CPU = torch.device("cpu")
 
 
@@ -41,15 +43,16 @@ def test_a_rank_crops_its_part_exactly_as_one_process_crops_the_whole_batch():
 
 
 def test_torchrun_command_lines_for_one_node_and_for_several():
-    assert torchrun_args(TRAIN, 0, "stages.train") == ["--nproc-per-node=2", "--standalone", "-m", "stages.train"]
-    nodes = {**TRAIN, "nproc": 8, "nnodes": 2, "master_addr": "10.0.0.1", "master_port": 29400}
-    assert torchrun_args(nodes, 1, "stages.train") == [
+    assert torchrun_args(TRAIN, SYSTEM, 0, "stages.train") == ["--nproc-per-node=2", "--standalone", "-m",
+                                                               "stages.train"]
+    nodes, meeting = replace(TRAIN, nproc=8, nnodes=2), System(False, master_addr="10.0.0.1", master_port=29400)
+    assert torchrun_args(nodes, meeting, 1, "stages.train") == [
         "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
         "-m", "stages.train"]
 
 
 def test_node_rank_comes_from_the_command_line_and_must_name_a_node():
-    nodes = {**TRAIN, "nnodes": 3}
+    nodes = replace(TRAIN, nnodes=3)
     assert node_rank([], nodes) == 0 and node_rank(["--node-rank", "2"], nodes) == 2
     with pytest.raises(UserError, match=r"--node-rank 3: must be 0 to 2 \(train.nnodes = 3\)"):
         node_rank(["--node-rank", "3"], nodes)
@@ -57,9 +60,9 @@ def test_node_rank_comes_from_the_command_line_and_must_name_a_node():
 
 def test_sync_bn_on_several_cpu_processes_is_an_error_before_any_process_starts():
     with pytest.raises(UserError, match="train.sync_bn = True .* needs CUDA GPUs"):
-        check({**TRAIN, "sync_bn": True}, CPU)
+        check(replace(TRAIN, sync_bn=True), CPU)
     check(TRAIN, CPU)
-    check({**TRAIN, "nproc": 1, "sync_bn": True}, CPU)  # one process: SyncBatchNorm is never used
+    check(replace(TRAIN, nproc=1, sync_bn=True), CPU)  # one process: SyncBatchNorm is never used
 
 
 class FrozenStatisticsResNet(ResNet):
@@ -76,25 +79,25 @@ class FrozenStatisticsResNet(ResNet):
 
 
 def data(n):
+    """n random uint8 images and labels."""
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    return reflect_pad(images, 4), torch.randint(0, 10, (n,), generator=generator)
+    return images, torch.randint(0, 10, (n,), generator=generator)
 
 
 def train_steps(n, rank, world_size, device=CPU, model_class=FrozenStatisticsResNet, sync_bn=False):
     """An epoch of the training engine over n images (at most one batch: one step), fp32: (loss, accuracy,
     weights, gradients) on the host."""
     torch.manual_seed(0)
-    model = model_class([1, 1, 1, 1], [8, 16, 32, 64]).to(device, memory_format=torch.channels_last)
-    step_model = wrap(model, Context(device, rank, world_size), sync_bn)
-    optimizer = make_optimizer(model, TRAIN)
-    scheduler = make_scheduler(optimizer, TRAIN, steps_per_epoch=10)  # the first step at OneCycle's initial rate
-    padded, labels = data(n)
-    loss, acc = train_epoch(step_model, optimizer, scheduler, padded.to(device), labels.to(device),
-                            Normalizer([0.5] * 3, [0.25] * 3, device), TRAIN, torch.Generator(device).manual_seed(0),
-                            rank=rank, world_size=world_size)
-    return (loss.item(), acc.item(), {k: v.cpu().clone() for k, v in model.state_dict().items()},
-            {k: p.grad.cpu().clone() for k, p in model.named_parameters()})
+    recipe, context = replace(TRAIN, sync_bn=sync_bn), Context(device, rank, world_size)
+    # 10 steps per epoch for OneCycle: the first step at its initial rate
+    trainer = make_trainer(model_class([1, 1, 1, 1], [8, 16, 32, 64]), recipe, context, False, 10 * TRAIN.batch_size)
+    images, labels = data(n)
+    data_set = Data.on_device((images, labels), (images[:1], labels[:1]), {"mean": [0.5] * 3, "std": [0.25] * 3},
+                              device)
+    loss, acc = train_epoch(trainer, data_set, recipe, context)
+    return (loss.item(), acc.item(), {k: v.cpu().clone() for k, v in trainer.model.state_dict().items()},
+            {k: p.grad.cpu().clone() for k, p in trainer.model.named_parameters()})
 
 
 def rank_main(rank, store, out, cuda):
@@ -184,7 +187,7 @@ def test_repro_on_two_processes_writes_every_output_once_and_learns(repo):
         assert (repo / path).is_file() and (repo / path).stat().st_size > 0, path
     train = read_json(repo, "metrics/train/metrics.json")
     test = read_json(repo, "metrics/evaluate/metrics.json")
-    assert train["step"] == 3 and train["images_per_s"] > 0
+    assert train["step"] == 3 and read_json(repo, "metrics/train/run.json")["images_per_s"] > 0
     assert test["accuracy"] > 0.5, f"test accuracy {test['accuracy']}: chance is 0.1"
     # the sharded validation measured the model rank 0 saved, which evaluate reads as is
     assert test["accuracy"] == pytest.approx(train["val"]["acc"], abs=1e-6)
@@ -192,25 +195,32 @@ def test_repro_on_two_processes_writes_every_output_once_and_learns(repo):
     assert run(repo, "git", "status", "--porcelain", "--untracked-files=all").split() == ["??", "dvc.lock"]
 
 
+@pytest.fixture
+def two_process_repo(data_repo, tmp_path):
+    """A copy of the data repository set to train on 2 processes; nothing trained."""
+    repo = copy_repo(data_repo.repo, tmp_path / "repo")
+    set_params(repo, train__nproc=2)
+    return repo
+
+
 def stage_error(repo):
-    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=repo, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=repo, env=env(), capture_output=True,
+                            text=True)
     return result.returncode, result.stderr.strip().splitlines()
 
 
-def test_sync_bn_on_the_cpu_is_one_line_before_any_rank_starts(repo):
-    set_params(repo, train__sync_bn=True)
-    code, lines = stage_error(repo)
-    set_params(repo, train__sync_bn=False)
+def test_sync_bn_on_the_cpu_is_one_line_before_any_rank_starts(two_process_repo):
+    set_params(two_process_repo, train__sync_bn=True)
+    code, lines = stage_error(two_process_repo)
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: train.sync_bn = True"), lines
 
 
-def test_an_error_on_the_ranks_stops_them_all_and_ends_in_one_line(repo):
-    (repo / "models/model.pt").unlink()
-    batch = repo / "data/cifar-10-batches-py/data_batch_3"
+def test_an_error_on_the_ranks_stops_them_all_and_ends_in_one_line(two_process_repo):
+    batch = two_process_repo / "data/cifar-10-batches-py/data_batch_3"
     batch.unlink()  # DVC may have linked it to its cache
     batch.write_bytes(b"not a pickle")
-    code, lines = stage_error(repo)
+    code, lines = stage_error(two_process_repo)
     assert code == 1 and "Traceback" not in "\n".join(lines), lines
     assert lines[-1].startswith("error: training on 2 processes failed: rank "), lines
     assert any(line.startswith("error: data/cifar-10-batches-py/data_batch_3: not a CIFAR-10 batch") for line in lines)
-    assert not (repo / "models/model.pt").exists()
+    assert not (two_process_repo / "models/model.pt").exists()

@@ -18,7 +18,9 @@ def test_parameter_counts_match_the_study(blocks, widths, expected):
 def test_forward_gives_ten_logits_and_halves_the_resolution_per_later_stage():
     model = ResNet([1, 2, 1], [8, 16, 32]).eval()
     assert model(torch.randn(5, 3, 32, 32)).shape == (5, 10)
-    assert model.stages(model.stem(torch.randn(1, 3, 32, 32))).shape == (1, 32, 8, 8)
+    assert model.layers(model.stem(torch.randn(1, 3, 32, 32))).shape == (1, 32, 8, 8)
+    assert [len(layer) for layer in model.layers] == [1, 2, 1]  # blocks grouped per layer
+    assert model.layers[2][0].conv1.stride == (2, 2) and model.layers[1][1].conv1.stride == (1, 1)
 
 
 def test_a_model_over_the_budget_is_an_error():

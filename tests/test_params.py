@@ -1,11 +1,12 @@
 """params.yaml validation: every key checked, errors name the key, the value and what is allowed."""
 import copy
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
-from stages.params import load_params, validate
+from stages.params import SCHEMA, Recipe, System, check_params, load_params
 from stages.workspace import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +27,16 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     assert params["train"]["grad_clip"] == 0.1 and params["train"]["epochs"] == 70
     assert params["train"]["nproc"] == params["train"]["nnodes"] == 1 and params["train"]["sync_bn"] is False
     assert params["data"]["md5"] == "c58f30108f718f92721af3b95e74349a"
+    assert params["system"] == {"compile": False, "master_addr": "localhost", "master_port": 29500}
+
+
+def test_the_typed_views_hold_exactly_their_sections_keys():
+    """Recipe is `train`, System is `system`: a key added to the schema but not to the view (or the reverse)
+    would be dropped from, or break, the fingerprint and the training code."""
+    assert [f.name for f in fields(Recipe)] == list(SCHEMA["train"])
+    assert [f.name for f in fields(System)] == list(SCHEMA["system"])
+    params = load_params(REPO / "params.yaml")
+    assert Recipe.from_params(params).world_size == 1 and System.from_params(params).master_port == 29500
 
 
 @pytest.mark.parametrize("key, value, allowed", [
@@ -47,50 +58,50 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     ("train.grad_clip", "off", "number > 0, or false"),
     ("train.seed", -1, "integer >= 0"),
     ("train.precision", "fp16", "one of auto, bf16, fp32"),
-    ("train.compile", "yes", "true or false"),
+    ("system.compile", "yes", "true or false"),
     ("train.nproc", 0, "integer >= 1"),
     ("train.nnodes", 1.5, "integer >= 1"),
-    ("train.master_addr", "", "non-empty string"),
-    ("train.master_port", 70000, "a TCP port, an integer from 1 to 65535"),
+    ("system.master_addr", "", "non-empty string"),
+    ("system.master_port", 70000, "a TCP port, an integer from 1 to 65535"),
     ("train.sync_bn", "on", "true or false"),
     ("data.md5", "abc", "32 hex digits"),
     ("data.url", "", "non-empty string"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(UserError) as error:
-        validate(with_value(key, value))
+        check_params(with_value(key, value))
     message = str(error.value)
     assert f"{key} = {value!r}" in message and allowed in message and "\n" not in message
 
 
 def test_unknown_and_missing_keys_are_named():
     with pytest.raises(UserError, match=r"unknown key train\.learning_rate \(allowed: epochs, batch_size"):
-        validate(with_value("train.learning_rate", 0.1))
+        check_params(with_value("train.learning_rate", 0.1))
     params = copy.deepcopy(DEFAULTS)
     del params["train"]["seed"]
     with pytest.raises(UserError, match=r"train\.seed is missing"):
-        validate(params)
+        check_params(params)
     with pytest.raises(UserError, match=r"unknown section 'optimizer'"):
-        validate({**DEFAULTS, "optimizer": {}})
+        check_params({**DEFAULTS, "optimizer": {}})
 
 
 def test_blocks_and_widths_need_one_entry_per_stage():
     with pytest.raises(UserError, match=r"model.blocks \[2, 1, 1\] and model.widths \[64, 128, 256, 512\] must have "
                                         "the same length"):
-        validate(with_value("model.blocks", [2, 1, 1]))
+        check_params(with_value("model.blocks", [2, 1, 1]))
 
 
 def test_every_process_needs_an_image_of_each_batch():
     params = with_value("train.batch_size", 15)
     params["train"].update(nproc=8, nnodes=2)
     with pytest.raises(UserError, match=r"train.batch_size = 15 is smaller than train.nproc \* train.nnodes = 16"):
-        validate(params)
+        check_params(params)
     params["train"]["batch_size"] = 16
-    assert validate(params)["train"]["nproc"] == 8
+    assert check_params(params)["train"]["nproc"] == 8
 
 
 def test_grad_clip_can_be_switched_off():
-    assert validate(with_value("train.grad_clip", False))["train"]["grad_clip"] is False
+    assert check_params(with_value("train.grad_clip", False))["train"]["grad_clip"] is False
 
 
 def test_exponent_floats_as_dvc_writes_them_are_numbers(tmp_path):

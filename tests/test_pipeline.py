@@ -1,86 +1,94 @@
 """End to end: the real dvc.yaml run by DVC itself in a temporary git repository, on the synthetic archive
-served from 127.0.0.1, with a tiny model. The tests run in order and share the repository."""
+served from 127.0.0.1, with a tiny model (conftest's data_repo and trained_repo, built once per test run).
+Tests that change a repository change their own copy."""
 import json
-import re
+from collections import Counter
 
 import pytest
-from dvcrepo import assert_curves_overlaid, dvc, make_repo, read_json, results, run, set_params, stages_run
+from conftest import TEST_IMAGES, synthetic_batches
+from dvcrepo import assert_curves_overlaid, copy_repo, dvc, read_json, results, run, set_params, stages_run
+
+from stages.cifar10 import channel_stats, load_split
+from stages.model import ResNet, count_parameters
 
 OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/model.pt", "models/summary.txt",
-           "metrics/train/metrics.json", "metrics/train/plots/metrics/train/loss.tsv",
+           "metrics/train/metrics.json", "metrics/train/run.json", "metrics/train/plots/metrics/train/loss.tsv",
            "metrics/train/plots/metrics/val/acc.tsv", "metrics/train/plots/metrics/lr.tsv",
-           "metrics/evaluate/metrics.json", "metrics/evaluate/confusion.json", "plots/loss.png", "plots/accuracy.png",
-           "plots/lr.png", "plots/confusion.png", "plots/per_class_accuracy.png"]
+           "metrics/evaluate/metrics.json", "metrics/evaluate/per_class.json", "metrics/evaluate/confusion.json",
+           "plots/loss.png", "plots/accuracy.png", "plots/lr.png", "plots/confusion.png",
+           "plots/per_class_accuracy.png"]
+TINY_PARAMS = 79_186  # [2, 1, 1, 1] x [8, 16, 32, 64], the test repositories' model
+SHALLOW_PARAMS = 78_002  # [1, 1, 1, 1] x [8, 16, 32, 64], the experiment on top
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, archive):
-    """A git repository holding this project's tracked files, pointed at the synthetic archive, tiny settings."""
-    return make_repo(tmp_path_factory.mktemp("pipeline"), archive)
-
-
-def test_repro_runs_every_stage_and_the_tiny_model_learns(repo):
-    output = dvc(repo, "repro")
-    assert stages_run(output) == {"download", "stats", "train", "evaluate", "plot"}
+def test_repro_runs_every_stage_in_order_and_git_holds_no_output(data_repo, trained_repo):
+    assert stages_run(data_repo.output) == {"download", "stats"}
+    assert stages_run(trained_repo.output) == {"train", "evaluate", "plot"}  # the data stages were up to date
+    repo = trained_repo.repo
     for path in OUTPUTS:
         assert (repo / path).is_file() and (repo / path).stat().st_size > 0, path
+    tracked = run(repo, "git", "ls-files").split()
+    outputs = [path for path in tracked if path.startswith(("data/", "models/", "metrics/", "plots/"))
+               and not path.endswith("/.gitignore")]
+    assert "dvc.lock" in tracked and outputs == []
+
+
+def test_the_tiny_model_learns_and_every_metric_is_consistent(trained_repo):
+    repo = trained_repo.repo
     train = read_json(repo, "metrics/train/metrics.json")
+    run_metrics = read_json(repo, "metrics/train/run.json")
     test = read_json(repo, "metrics/evaluate/metrics.json")
-    assert train["step"] == 3 and train["params"] > 0 and train["images_per_s"] > 0
+    assert train["step"] == 3 and run_metrics["images_per_s"] > 0 and run_metrics["wall_time_s"] > 0
+    assert run_metrics["params"] == TINY_PARAMS == count_parameters(ResNet([2, 1, 1, 1], [8, 16, 32, 64]))
     assert test["accuracy"] > 0.5, f"test accuracy {test['accuracy']}: chance is 0.1"
     assert test["accuracy"] == pytest.approx(train["val"]["acc"], abs=1e-6)  # the final model, not a best epoch
-    assert train["best_val_acc"] >= train["val"]["acc"]
-    assert len(test["per_class_accuracy"]) == 10
-    assert len(read_json(repo, "metrics/evaluate/confusion.json")) == 200
-    assert "Total params" in (repo / "models/summary.txt").read_text()
-    stats = read_json(repo, "data/stats.json")
-    assert len(stats["mean"]) == len(stats["std"]) == 3 and stats["num_images"] == 600
-    # DVC, not git, holds every output
-    assert run(repo, "git", "status", "--porcelain", "--untracked-files=all").split() == ["??", "dvc.lock"]
+    assert test["loss"] == pytest.approx(train["val"]["loss"], rel=1e-5)
+    val_acc = [float(line.split("\t")[-1]) for line in
+               (repo / "metrics/train/plots/metrics/val/acc.tsv").read_text().splitlines()[1:]]
+    assert train["best_val_acc"] == pytest.approx(max(val_acc))
+
+    # per-class accuracy is what the confusion records say, and their total is the test accuracy
+    confusion = read_json(repo, "metrics/evaluate/confusion.json")
+    assert len(confusion) == TEST_IMAGES
+    totals = Counter(r["actual"] for r in confusion)
+    hits = Counter(r["actual"] for r in confusion if r["actual"] == r["predicted"])
+    per_class = {row["class"]: row["accuracy"] for row in read_json(repo, "metrics/evaluate/per_class.json")}
+    assert per_class == pytest.approx({name: hits[name] / totals[name] for name in totals})
+    assert sum(hits.values()) / len(confusion) == pytest.approx(test["accuracy"])
+    assert "Total params: 79,186" in (repo / "models/summary.txt").read_text()
 
 
-def test_a_second_repro_runs_nothing(repo):
-    assert stages_run(dvc(repo, "repro")) == set()
-    assert "up to date" in dvc(repo, "status")
+def test_stats_are_the_synthetic_training_sets_channel_statistics(trained_repo, tmp_path):
+    stats = read_json(trained_repo.repo, "data/stats.json")
+    images, _ = load_split(trained_repo.repo / "data/cifar-10-batches-py", "train")
+    mean, std = channel_stats(images)
+    assert stats == {"mean": mean, "std": std, "num_images": 600}
+    # and those are the statistics of the batches conftest wrote, not of whatever the stage happened to read
+    data = [batch["data"] for name, batch in synthetic_batches().items() if name.startswith("data_batch")]
+    assert images.reshape(600, -1).tolist() == [row for batch in data for row in batch.tolist()]
 
 
-def test_same_seed_gives_the_same_metrics(repo):
-    before = read_json(repo, "metrics/train/metrics.json")
-    curves = (repo / "metrics/train/plots/metrics/val/loss.tsv").read_text()
-    assert stages_run(dvc(repo, "repro", "--force", "--single-item", "train")) == {"train"}
-    assert results(read_json(repo, "metrics/train/metrics.json")) == results(before)
-    assert (repo / "metrics/train/plots/metrics/val/loss.tsv").read_text() == curves
+def test_a_second_repro_runs_nothing(trained_repo):
+    assert stages_run(dvc(trained_repo.repo, "repro")) == set()
+    assert "up to date" in dvc(trained_repo.repo, "status")
 
 
-def test_changing_weight_decay_reruns_train_evaluate_and_plot_only(repo):
-    set_params(repo, train__weight_decay=5e-4)
+def test_changing_weight_decay_reruns_train_evaluate_and_plot_and_changes_the_result(trained_repo, tmp_path):
+    repo = copy_repo(trained_repo.repo, tmp_path / "repo")
+    before = results(read_json(repo, "metrics/train/metrics.json"))
+    set_params(repo, train__weight_decay=0.5)  # large enough to show in 3 tiny epochs
     assert stages_run(dvc(repo, "repro")) == {"train", "evaluate", "plot"}
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "baseline: weight decay 5e-4")
+    after = results(read_json(repo, "metrics/train/metrics.json"))
+    assert after["train"]["loss"] != before["train"]["loss"] and after["val"] != before["val"]
 
 
-def test_an_experiment_reruns_only_what_it_changes_and_compares(repo):
-    output = dvc(repo, "exp", "run", "-S", "model.blocks=[1,1,1,1]")
-    assert stages_run(output) == {"train", "evaluate", "plot"}
-    experiment = re.search(r"Ran experiment\(s\): (\S+)", output).group(1)
-    assert read_json(repo, "metrics/train/metrics.json")["params"] < 4977226
-
-    diff = json.loads(dvc(repo, "metrics", "diff", "--json"))
-    params_change = diff["metrics/train/metrics.json"]["params"]
-    assert params_change["new"] < params_change["old"]
-    assert "metrics/evaluate/metrics.json" in diff
-    assert "metrics/train/metrics.json" in dvc(repo, "metrics", "show")
-
-    # two experiments' curves overlay in one plot
-    assert_curves_overlaid(repo, "HEAD", experiment)
-
-
-def test_plots_show_renders_every_declared_plot(repo):
-    output = dvc(repo, "plots", "show")
-    assert (repo / "dvc_plots" / "index.html").is_file(), output
-    plots = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
-    vega = {"loss", "accuracy", "learning_rate", "confusion"}
-    images = {f"plots/{name}.png" for name in ["loss", "accuracy", "lr", "confusion", "per_class_accuracy"]}
-    assert set(plots) == vega | images
-    for plot_id in vega:
-        assert plots[plot_id][0]["content"]["data"]["values"], plot_id
+def test_an_experiment_reruns_only_what_it_changes_and_compares(trained_repo):
+    repo, experiment = trained_repo.repo, trained_repo.experiment
+    assert stages_run(trained_repo.experiment_output) == {"train", "evaluate", "plot"}
+    diff = json.loads(dvc(repo, "metrics", "diff", "HEAD", experiment, "--json"))
+    assert diff["metrics/train/run.json"]["params"] == {"old": TINY_PARAMS, "new": SHALLOW_PARAMS,
+                                                        "diff": SHALLOW_PARAMS - TINY_PARAMS}
+    assert set(diff["metrics/evaluate/metrics.json"]) == {"accuracy", "loss"}
+    shown = dvc(repo, "metrics", "show")
+    assert "metrics/train/run.json" in shown and "metrics/evaluate/metrics.json" in shown
+    assert_curves_overlaid(repo, "HEAD", experiment)  # two experiments' curves overlay in one plot

@@ -1,17 +1,17 @@
 """The pages `dvc plots show` and `dvc plots diff` write, on a tiny pipeline run: every plot dvc.yaml declares
 has data behind it, and the page, opened with no network in headless Chromium, draws every chart.
 
-The browser tests skip only where no Chromium binary exists; a screenshot of each page is saved under
-tests/artifacts/."""
+The browser tests skip only outside CI where no Chromium binary exists (with CI=true they fail); a screenshot
+of each page is saved under tests/artifacts/."""
 import json
-import re
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import CLASSES
-from dvcrepo import REPO, dvc, make_repo, run
+from dvcrepo import REPO, dvc
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 BROWSERS = ["chromium", "chromium-browser", "google-chrome"]
@@ -47,14 +47,9 @@ def encoded_fields(spec):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, archive):
-    """A tiny pipeline run committed as the baseline, and one experiment on top: (repo, experiment name)."""
-    repo = make_repo(tmp_path_factory.mktemp("plots-page"), archive, train__epochs=2)
-    dvc(repo, "repro")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "baseline")
-    output = dvc(repo, "exp", "run", "-S", "model.blocks=[1,1,1,1]")
-    return repo, re.search(r"Ran experiment\(s\): (\S+)", output).group(1)
+def repo(trained_repo):
+    """The tiny pipeline run committed as the baseline, and one experiment on top: (repo, experiment name)."""
+    return trained_repo.repo, trained_repo.experiment
 
 
 def test_every_declared_plot_has_data_and_its_fields(repo):
@@ -84,8 +79,11 @@ def browser(tmp_path_factory):
     """Headless Chromium through Selenium, with no network; skips only if no Chromium is installed."""
     binary = next(filter(None, map(shutil.which, BROWSERS)), None)
     if binary is None:
-        pytest.skip(f"no Chromium binary ({', '.join(BROWSERS)}) on PATH; install Debian's chromium and "
-                    "chromium-driver, as .ci/run does")
+        reason = (f"no Chromium binary ({', '.join(BROWSERS)}) on PATH; install Debian's chromium and "
+                  "chromium-driver, as .ci/run does")
+        if os.environ.get("CI") == "true":  # CI must open the pages: a missing browser fails it
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -162,13 +160,29 @@ def check_page(browser, page, screenshot, revisions):
         assert image["complete"] and image["width"] > 0, f"{page}: image {image['src']} did not load"
 
 
-def test_plots_show_page_draws_every_chart_offline(browser, repo):
+def test_plots_show_page_draws_every_chart_offline(browser, repo, tmp_path):
     repo, _ = repo
-    dvc(repo, "plots", "show")
-    check_page(browser, repo / "dvc_plots" / "index.html", ARTIFACTS / "plots_show.png", revisions=1)
+    dvc(repo, "plots", "show", "-o", str(tmp_path / "show"))
+    check_page(browser, tmp_path / "show" / "index.html", ARTIFACTS / "plots_show.png", revisions=1)
 
 
-def test_plots_diff_page_of_two_experiments_draws_every_chart_offline(browser, repo):
+def test_plots_diff_page_of_two_experiments_draws_every_chart_offline(browser, repo, tmp_path):
     repo, experiment = repo
-    dvc(repo, "plots", "diff", "HEAD", experiment, "-o", "compare")
-    check_page(browser, repo / "compare" / "index.html", ARTIFACTS / "plots_diff.png", revisions=2)
+    dvc(repo, "plots", "diff", "HEAD", experiment, "-o", str(tmp_path / "diff"))
+    check_page(browser, tmp_path / "diff" / "index.html", ARTIFACTS / "plots_diff.png", revisions=2)
+
+
+def test_a_chart_that_fails_to_render_says_so_on_the_page(browser, tmp_path):
+    """The template writes a chart's error into the page (and marks it), not only into the browser's console."""
+    page = (REPO / "plots_template" / "index.html").read_text()
+    broken = {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "data": {"values": [{"x": 1}]},
+              "mark": "no-such-mark", "encoding": {"x": {"field": "x", "type": "quantitative"}}}
+    divs = ('<div id="broken"></div><div id="fine"></div><script>'
+            f'vegaEmbed("#broken", {json.dumps(broken)});'
+            f'vegaEmbed("#fine", {json.dumps({**broken, "mark": "point"})});</script>')
+    (tmp_path / "index.html").write_text(page.replace("{refresh_tag}", "").replace("{plot_divs}", divs))
+    charts, _ = render(browser, tmp_path / "index.html", ["broken", "fine"], ARTIFACTS / "plots_error.png")
+    broken_chart, fine_chart = charts
+    assert broken_chart["status"] == "error" and broken_chart["svg"] == 0, broken_chart
+    assert broken_chart["text"].startswith("Error: ") and len(broken_chart["text"]) > 20, broken_chart  # its message
+    assert fine_chart["status"] == "rendered" and fine_chart["marks"] == 1 and "Error" not in fine_chart["text"]

@@ -1,5 +1,10 @@
-"""Stage entry points on bad input: one line on stderr naming the problem, exit status 1, no output."""
+"""Stage entry points on bad input: one line on stderr naming the problem, exit status 1, no output.
+
+Each stage runs once as its own process (`python -m stages.X`, as DVC runs it) on an invalid param, for the
+real exit status and stderr; the other cases call the same entry point (workspace.run around the stage's
+main) in this process, which is what the subprocess would run, without starting Python and torch again."""
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -9,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from stages.workspace import run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,10 +35,27 @@ def set_param(workdir, section, key, value):
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def run_stage(workdir, stage):
+def stage_process(workdir, stage):
+    """`python -m stages.<stage>` in workdir, as DVC runs it: (exit status, stderr)."""
     result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "CUDA_VISIBLE_DEVICES": ""})
     return result.returncode, result.stderr.strip()
+
+
+@pytest.fixture
+def run_stage(monkeypatch, capsys):
+    """Run a stage's entry point in this process, in workdir: (exit status, stderr)."""
+    def call(workdir, stage):
+        module = importlib.import_module(f"stages.{stage}")
+        monkeypatch.chdir(workdir)
+        capsys.readouterr()
+        try:
+            run(module.main, *([[]] if stage == "train" else []))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err.strip()
+    return call
 
 
 def files_under(folder):
@@ -46,13 +70,13 @@ def assert_one_line_error(code, stderr, *phrases):
         assert phrase in error, stderr
 
 
-def test_download_with_a_wrong_checksum(workdir):
+def test_download_with_a_wrong_checksum(workdir, run_stage):
     set_param(workdir, "data", "md5", "f" * 32)
     assert_one_line_error(*run_stage(workdir, "download"), "data.md5 is " + "f" * 32)
     assert files_under(workdir / "data") == []
 
 
-def test_download_on_bad_input_leaves_nothing_and_a_corrected_rerun_succeeds(workdir, archive_dir):
+def test_download_on_bad_input_leaves_nothing_and_a_corrected_rerun_succeeds(workdir, archive_dir, run_stage):
     good = yaml.safe_load((workdir / "params.yaml").read_text())["data"]
     short = (archive_dir / "cifar-10-python.tar.gz").read_bytes()[:5000]  # truncated, with its own md5
     (workdir / "short.tar.gz").write_bytes(short)
@@ -69,19 +93,20 @@ def test_download_on_bad_input_leaves_nothing_and_a_corrected_rerun_succeeds(wor
     assert "cifar-10-batches-py/test_batch" in files_under(workdir / "data")
 
 
-def test_train_over_the_budget_fails_before_any_work(workdir):
+def test_train_over_the_budget_fails_before_any_work(workdir, run_stage):
     set_param(workdir, "model", "max_params", 1000)
     assert_one_line_error(*run_stage(workdir, "train"), "over model.max_params = 1,000")
     assert files_under(workdir / "models") == [] and files_under(workdir / "metrics") == []
 
 
-def test_an_invalid_param_fails_every_stage(workdir):
+def test_an_invalid_param_fails_every_stage_process(workdir):
     set_param(workdir, "train", "epochs", 0)
     for stage in ["download", "stats", "train", "evaluate", "plot"]:
-        assert_one_line_error(*run_stage(workdir, stage), "train.epochs = 0", "integer >= 1")
+        code, stderr = stage_process(workdir, stage)
+        assert stderr == "error: params.yaml: train.epochs = 0 must be an integer >= 1" and code == 1, (stage, stderr)
 
 
-def test_evaluate_without_a_checkpoint(workdir):
+def test_evaluate_without_a_checkpoint(workdir, run_stage):
     assert_one_line_error(*run_stage(workdir, "evaluate"), "models/model.pt: no such checkpoint")
 
 
@@ -91,7 +116,7 @@ def test_evaluate_without_a_checkpoint(workdir):
       "state_dict": {"stem.0.weight": torch.zeros(4, 3, 3, 3)}, "stats": {}, "classes": [], "precision": "fp32"},
      "weights do not fit the architecture"),
 ])
-def test_evaluate_on_a_damaged_or_incompatible_checkpoint(workdir, checkpoint, phrase):
+def test_evaluate_on_a_damaged_or_incompatible_checkpoint(workdir, checkpoint, phrase, run_stage):
     (workdir / "models").mkdir()
     if isinstance(checkpoint, bytes):
         (workdir / "models/model.pt").write_bytes(checkpoint)
@@ -99,3 +124,11 @@ def test_evaluate_on_a_damaged_or_incompatible_checkpoint(workdir, checkpoint, p
         torch.save(checkpoint, workdir / "models/model.pt")
     assert_one_line_error(*run_stage(workdir, "evaluate"), f"models/model.pt: {phrase}")
     assert files_under(workdir / "metrics") == []
+
+
+def test_a_stage_on_an_older_python_says_so_in_one_line(workdir):
+    """Python 3.10 stood in for by its version number: the package refuses before a 3.11-only module loads."""
+    code = "import sys; sys.version_info = (3, 10, 12, 'final', 0); import runpy; runpy.run_module('stages.train')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == "error: this project needs Python 3.11 or newer; this is " \
+                                                       "Python 3.10.12\n", result.stderr

@@ -1,28 +1,33 @@
 """The training engine: the OneCycle schedule's shape, and a few epochs that learn, reproducibly."""
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import build_archive, synthetic_batches
 
-from stages.augment import Normalizer, reflect_pad
 from stages.cifar10 import channel_stats, download, load_split
+from stages.distributed import Context
 from stages.model import ResNet
+from stages.params import Recipe
 from stages.training import (
-    bf16_supported,
-    evaluate,
+    Data,
     make_optimizer,
     make_scheduler,
+    make_trainer,
     prepare_model,
     resolve_precision,
+    score,
     steps_per_epoch,
     train_epoch,
 )
 
-TRAIN = {"epochs": 4, "batch_size": 50, "max_lr": 0.01, "warmup_fraction": 0.3, "weight_decay": 1e-4,
-         "grad_clip": 0.1, "seed": 0, "precision": "fp32", "compile": False}
+TRAIN = Recipe(epochs=4, batch_size=50, max_lr=0.01, warmup_fraction=0.3, weight_decay=1e-4, grad_clip=0.1, seed=0,
+               precision="fp32", nproc=1, nnodes=1, sync_bn=False)
+CPU = Context(torch.device("cpu"))
 
 
 def test_one_cycle_warms_up_to_max_lr_at_30_percent_then_anneals_to_near_zero():
-    train = {**TRAIN, "epochs": 10}
+    train = replace(TRAIN, epochs=10)
     optimizer = make_optimizer(torch.nn.Linear(2, 2), train)
     scheduler = make_scheduler(optimizer, train, steps_per_epoch=100)
     lrs = []
@@ -52,49 +57,90 @@ def synthetic(tmp_path_factory):
 
 
 def train_tiny(synthetic, seed):
-    (train_images, train_labels), (test_images, test_labels) = synthetic
+    train, test = synthetic
     torch.manual_seed(seed)
-    model = ResNet([1, 1, 1, 1], [8, 16, 32, 64]).to(memory_format=torch.channels_last)
-    train = {**TRAIN, "seed": seed}
-    optimizer = make_optimizer(model, train)
-    scheduler = make_scheduler(optimizer, train, steps_per_epoch(len(train_labels), train["batch_size"]))
-    normalize = Normalizer(*channel_stats(train_images), "cpu")
-    generator = torch.Generator().manual_seed(seed)
-    padded = reflect_pad(train_images, 4)
-    history = [train_epoch(model, optimizer, scheduler, padded, train_labels, normalize, train, generator)
-               for _ in range(train["epochs"])]
-    loss, acc, _ = evaluate(model, test_images, test_labels, normalize, 100, "fp32")
+    recipe = replace(TRAIN, seed=seed)
+    stats = dict(zip(["mean", "std"], channel_stats(train[0])))
+    data = Data.on_device(train, test, stats, CPU.device)
+    trainer = make_trainer(ResNet([1, 1, 1, 1], [8, 16, 32, 64]), recipe, CPU, False, len(data.labels))
+    history = [train_epoch(trainer, data, recipe, CPU) for _ in range(recipe.epochs)]
+    loss, acc, _ = score(trainer.model, data.test_images, data.test_labels, data.normalize, 100, "fp32")
     return [(epoch_loss.item(), epoch_acc.item()) for epoch_loss, epoch_acc in history], loss.item(), acc.item()
 
 
 def test_a_tiny_model_learns_the_synthetic_classes_reproducibly(synthetic):
     history, loss, acc = train_tiny(synthetic, seed=0)
-    assert acc > 0.6, f"test accuracy {acc} after {TRAIN['epochs']} epochs (chance is 0.1)"
+    assert acc > 0.6, f"test accuracy {acc} after {TRAIN.epochs} epochs (chance is 0.1)"
     assert history[-1][0] < history[0][0]
     assert train_tiny(synthetic, seed=0) == (history, loss, acc)  # same seed on CPU: the same numbers
     assert train_tiny(synthetic, seed=1)[0] != history
 
 
 def test_bf16_autocasts_the_forward_pass_and_keeps_fp32_weights_and_batchnorm_statistics(synthetic):
-    (images, labels), _ = synthetic
-    model = ResNet([1, 1], [8, 16]).to(memory_format=torch.channels_last)
-    train = {**TRAIN, "precision": "bf16", "epochs": 1}
-    optimizer = make_optimizer(model, train)
-    scheduler = make_scheduler(optimizer, train, steps_per_epoch=2)
+    train, test = synthetic
+    recipe = replace(TRAIN, precision="bf16", epochs=1)
+    data = Data.on_device((train[0][:100], train[1][:100]), test, {"mean": [0.5] * 3, "std": [0.25] * 3}, "cpu")
+    trainer = make_trainer(ResNet([1, 1], [8, 16]), recipe, CPU, False, len(data.labels))
     logits_dtypes = []
-    model.head.register_forward_hook(lambda module, inputs, output: logits_dtypes.append(output.dtype))
-    train_epoch(model, optimizer, scheduler, reflect_pad(images[:100], 4), labels[:100],
-                Normalizer(*channel_stats(images), "cpu"), train, torch.Generator().manual_seed(0))
+    trainer.model.head.register_forward_hook(lambda module, inputs, output: logits_dtypes.append(output.dtype))
+    train_epoch(trainer, data, recipe, CPU)
     assert logits_dtypes == [torch.bfloat16, torch.bfloat16]
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert all(b.dtype == torch.float32 for name, b in model.named_buffers() if "running" in name)
-    assert all(s.dtype == torch.float32 for state in optimizer.state.values() for s in state.values() if s.ndim)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(b.dtype == torch.float32 for name, b in trainer.model.named_buffers() if "running" in name)
+    assert all(s.dtype == torch.float32 for state in trainer.optimizer.state.values() for s in state.values()
+               if s.ndim)
 
 
-def test_auto_precision_is_bf16_only_where_the_device_supports_it():
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if bf16_supported(cpu) else "fp32")
-    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_hardware_check(monkeypatch, native):
+    """The real resolve_precision, with the hardware's own answer (oneDNN's bf16 check on a CPU, CUDA's on a
+    GPU) monkeypatched both ways; an explicit precision is never overridden."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: native)
+    for device in [torch.device("cpu"), torch.device("cuda")]:
+        assert resolve_precision("auto", device) == ("bf16" if native else "fp32"), device
+        assert resolve_precision("fp32", device) == "fp32" and resolve_precision("bf16", device) == "bf16"
+
+
+def one_step(recipe, seed=0):
+    """One training step of a tiny model on 20 random images: the trainer, after it."""
+    torch.manual_seed(seed)
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (20,))
+    data = Data.on_device((images, labels), (images, labels), {"mean": [0.5] * 3, "std": [0.25] * 3}, "cpu")
+    trainer = make_trainer(ResNet([1], [8]), recipe, CPU, False, len(labels))
+    train_epoch(trainer, data, recipe, CPU)
+    return trainer
+
+
+def test_gradients_are_clipped_by_value_before_the_step():
+    recipe = replace(TRAIN, batch_size=20, epochs=1, grad_clip=1e-3)
+    bound = torch.tensor(1e-3).item()  # 1e-3 as the fp32 gradients hold it
+    clipped = [p.grad for p in one_step(recipe).model.parameters()]
+    assert max(g.abs().max().item() for g in clipped) <= bound
+    assert sum((g.abs() == bound).sum().item() for g in clipped) > 0  # clipping did bite
+    free = [p.grad for p in one_step(replace(recipe, grad_clip=False)).model.parameters()]
+    assert max(g.abs().max().item() for g in free) > 1e-3  # without clipping, some elements are larger
+
+
+def test_adam_gets_the_recipes_weight_decay_and_applies_it():
+    recipe = replace(TRAIN, weight_decay=0.25)
+    model = torch.nn.Linear(4, 1, bias=False)
+    optimizer = make_optimizer(model, recipe)
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["weight_decay"] == 0.25
+    assert optimizer.param_groups[0]["lr"] == recipe.max_lr
+    # with a zero loss gradient only the L2 penalty moves the weights: toward zero, by lr per element (Adam's
+    # first step has size lr whatever the gradient's scale)
+    torch.nn.init.constant_(model.weight, 1.0)
+    model.weight.grad = torch.zeros_like(model.weight)
+    optimizer.step()
+    assert torch.allclose(model.weight, torch.full_like(model.weight, 1.0 - recipe.max_lr))
+    still = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.constant_(still.weight, 1.0)
+    no_decay = make_optimizer(still, replace(recipe, weight_decay=0.0))
+    still.weight.grad = torch.zeros_like(still.weight)
+    no_decay.step()
+    assert torch.equal(still.weight, torch.ones_like(still.weight))
 
 
 def test_compiled_step_model_shares_the_saved_model_parameters():

@@ -1,0 +1,225 @@
+"""dvc.yaml's wiring: each stage depends on exactly the code it runs and the params it reads, the `system`
+section changes nothing DVC or the checkpoint cares about, and the model is a DVC artifact."""
+import ast
+import re
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import yaml
+from dvcrepo import (
+    REPO,
+    copy_repo,
+    dvc,
+    run,
+    set_params,
+    stages_run,
+    start,
+    stop_after_first_epoch,
+)
+
+from stages import download, evaluate, plot, stats, train
+from stages.params import SCHEMA
+
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = DVC_YAML["stages"]
+PACKAGE = REPO / "stages"
+
+
+# Code: the stage script and every module of stages/ it imports, transitively
+
+def imported_modules(path):
+    """The files of stages/ that the module at `path` imports (relative or absolute imports, at any depth of
+    the code, so imports inside functions count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y / from . import x
+            names = [node.module] if node.module else [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("stages."):
+            names = [node.module.removeprefix("stages.")]
+        elif isinstance(node, ast.Import):
+            names = [a.name.removeprefix("stages.") for a in node.names if a.name.startswith("stages.")]
+        else:
+            continue
+        for name in names:
+            module = PACKAGE / f"{name.split('.')[0]}.py"
+            if module.is_file():  # `from . import x` may also name something of __init__.py: there is nothing
+                found.add(module)
+    return found
+
+
+def code_of(module_path):
+    """The stage script, the package's __init__.py (run by `python -m stages.x`) and every module they import,
+    transitively, as paths relative to the repository."""
+    seen, todo = set(), [module_path, PACKAGE / "__init__.py"]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(imported_modules(path))
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+def stage_module(name):
+    match = re.fullmatch(r"python -m stages\.(\w+)", STAGES[name]["cmd"])
+    assert match, f"dvc.yaml stage {name}: cmd {STAGES[name]['cmd']!r} is not `python -m stages.<module>`"
+    return PACKAGE / f"{match.group(1)}.py"
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_each_stage_depends_on_exactly_the_code_it_runs(name):
+    declared = {dep for dep in STAGES[name]["deps"] if dep.startswith("stages/")}
+    imported = code_of(stage_module(name))
+    missing, extra = sorted(imported - declared), sorted(declared - imported)
+    assert not missing, f"dvc.yaml stage {name}: deps lack {', '.join(missing)}, which the stage imports"
+    assert not extra, f"dvc.yaml stage {name}: deps list {', '.join(extra)}, which the stage never imports"
+
+
+def test_the_import_scan_follows_imports_through_other_modules():
+    """evaluate reaches distributed.py only through training.py: the scan must follow it there."""
+    assert "stages/distributed.py" not in {p.relative_to(REPO).as_posix()
+                                            for p in imported_modules(PACKAGE / "evaluate.py")}
+    assert "stages/distributed.py" in code_of(PACKAGE / "evaluate.py")
+    assert "stages/augment.py" in code_of(PACKAGE / "evaluate.py")
+
+
+# Params: what each stage reads
+
+class Reads(Mapping):
+    """params.yaml's content that records every key a stage takes the value of, as 'section.key'."""
+
+    def __init__(self, values, log, prefix=""):
+        self._values, self._log, self._prefix = values, log, prefix
+
+    def __getitem__(self, key):
+        value, name = self._values[key], self._prefix + key
+        if isinstance(value, dict):
+            return Reads(value, self._log, name + ".")
+        self._log.add(name)
+        return value
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+
+def declared_keys(name):
+    """dvc.yaml's params of a stage as 'section.key' (a whole section: all of its keys)."""
+    keys = set()
+    for entry in STAGES[name].get("params", []):
+        assert isinstance(entry, str), f"dvc.yaml stage {name}: params entry {entry!r} (only params.yaml's are used)"
+        keys |= {f"{entry}.{key}" for key in SCHEMA[entry]} if entry in SCHEMA else {entry}
+    return keys
+
+
+@pytest.fixture(scope="module")
+def reads(tmp_path_factory, archive_dir, monkeypatch_module):
+    """Every stage run in-process, in order, in a fresh folder with a tiny recipe: {stage: keys it read}.
+
+    How "reads" is decided: every stage loads params.yaml and checks all of it (load_params, check_params), so
+    that a bad value anywhere fails every stage; that check is not reading. What counts is what the stage does
+    with the checked params afterwards: each key whose value its code takes, directly or by unpacking a
+    section (Recipe.from_params, build_model(**params["model"])). `system` keys are read too, by train, but
+    by definition they never change a result, so no stage declares them (checked below)."""
+    from stages import params as params_module
+
+    folder = tmp_path_factory.mktemp("reads")
+    monkeypatch_module.chdir(folder)
+    values = yaml.safe_load((REPO / "params.yaml").read_text())
+    values["data"].update(url=str(archive_dir / "cifar-10-python.tar.gz"), md5=(archive_dir / "md5.txt").read_text())
+    values["model"]["widths"] = [8, 16, 32, 64]
+    values["train"].update(epochs=1, batch_size=100)
+    (folder / "params.yaml").write_text(yaml.safe_dump(values))
+    found = {}
+    for name, module, args in [("download", download, ()), ("stats", stats, ()), ("train", train, ([],)),
+                               ("evaluate", evaluate, ()), ("plot", plot, ())]:
+        log = set()
+        monkeypatch_module.setattr(module, "load_params", lambda log=log: Reads(params_module.load_params(), log))
+        module.main(*args)
+        found[name] = log
+    return found
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_each_stage_declares_exactly_the_params_it_reads(reads, name):
+    read = {key for key in reads[name] if not key.startswith("system.")}
+    missing, extra = sorted(read - declared_keys(name)), sorted(declared_keys(name) - read)
+    assert not missing, f"dvc.yaml stage {name}: params lack {', '.join(missing)}, which the stage reads"
+    assert not extra, f"dvc.yaml stage {name}: params list {', '.join(extra)}, which the stage never reads"
+
+
+def test_only_train_reads_system_and_no_stage_depends_on_it(reads):
+    assert {key for key in reads["train"] if key.startswith("system.")} == {f"system.{k}" for k in SCHEMA["system"]}
+    assert not any(key.startswith("system.") for name in STAGES if name != "train" for key in reads[name])
+    assert not any(key.startswith("system") for name in STAGES for key in declared_keys(name))
+
+
+# The system section through DVC, and the model as an artifact
+
+@pytest.fixture
+def repo(trained_repo, tmp_path):
+    """A copy of the trained pipeline, committed with its dvc.lock."""
+    return copy_repo(trained_repo.repo, tmp_path / "repo")
+
+
+@pytest.fixture(scope="module")
+def registered(trained_repo, tmp_path_factory):
+    """A copy of the trained pipeline whose model is registered as version v1.0.0 of the artifact (the GTO git
+    tag `gto register` writes) and pushed to a local remote, as a user would publish it."""
+    repo = copy_repo(trained_repo.repo, tmp_path_factory.mktemp("registered") / "repo")
+    dvc(repo, "remote", "add", "-d", "local", str(tmp_path_factory.mktemp("remote")))
+    run(repo, "git", "commit", "-qam", "a remote")
+    dvc(repo, "push")
+    run(repo, str(Path(sys.executable).parent / "gto"), "register", "cifar10-resnet", "--version", "v1.0.0")
+    return repo
+
+
+def test_changing_where_the_run_executes_reruns_nothing(repo):
+    set_params(repo, system__master_port=29999, system__master_addr="10.0.0.1", system__compile=True)
+    assert "up to date" in dvc(repo, "status")
+    assert stages_run(dvc(repo, "repro")) == set()
+
+
+def test_an_interrupted_run_still_resumes_after_the_system_section_changed(repo):
+    code, _, _ = stop_after_first_epoch(repo, start(repo, sys.executable, "-m", "stages.train"), signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    set_params(repo, system__master_port=29999)
+    output = run(repo, sys.executable, "-m", "stages.train")
+    assert re.search(r"resuming from models/checkpoint.pt after epoch [12]/3", output), output
+
+
+@pytest.mark.parametrize("key, value", [("train__nproc", 2), ("train__nnodes", 2), ("train__precision", "bf16"),
+                                        ("train__sync_bn", True)])
+def test_a_key_that_changes_results_makes_train_stale(repo, key, value):
+    set_params(repo, **{key: value})
+    status = dvc(repo, "status")  # DVC names the section of a whole-section dependency
+    assert re.fullmatch(r"train:\s+changed deps:\s+params.yaml:\s+modified:\s+train\s*", status), status
+
+
+def test_dvc_lists_the_model_as_an_artifact(registered):
+    repo = registered
+    from dvc.api import artifacts_show
+    from dvc.repo import Repo
+
+    head = run(repo, "git", "rev-parse", "HEAD").strip()
+    assert artifacts_show("cifar10-resnet", repo=str(repo)) == {"rev": head, "path": "models/model.pt"}
+    with Repo(str(repo)) as dvc_repo:
+        (artifacts,) = dvc_repo.artifacts.read().values()
+    artifact = artifacts["cifar10-resnet"]
+    assert artifact.type == "model" and artifact.path == "models/model.pt" and "resnet" in artifact.labels
+    assert artifact.desc
+
+
+def test_dvc_artifacts_get_fetches_the_pushed_model_from_a_clone(registered, tmp_path):
+    dvc(tmp_path, "artifacts", "get", str(registered), "cifar10-resnet", "-o", "fetched.pt")
+    assert (tmp_path / "fetched.pt").read_bytes() == (registered / "models/model.pt").read_bytes()
