@@ -9,11 +9,15 @@ Measures, in one run on one machine, with the same model, batch, optimizer and c
                 (channels_last, the project's precision, compiled if asked).
 The recipe (model, batch size, learning rate, weight decay, clipping, precision, compile) is params.yaml's,
 read and checked as the stages read it; the options override it. Each mode is warmed up once, then measured
-in alternating rounds (best round kept). Prints one JSON object with the three rates, their ratios and the
-recipe measured. Not a DVC stage: it measures the machine, not the model."""
+in alternating rounds (best round kept). Prints one JSON object with the three rates, their ratios, how close
+each comes to the hardware (the model's FLOPs per training image, counted on one real step, times the rate,
+against a dense matrix product's rate in the same precision measured in the same run: the model-FLOPs
+utilisation), the device and the recipe measured; --profile adds torch.profiler's top operators of one step.
+Not a DVC stage: it measures the machine, not the model."""
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, replace
 
@@ -28,7 +32,8 @@ from . import training
 from .distributed import Context
 from .model import ResNet
 from .params import PARAMS_FILE, Recipe, System, load_params
-from .training import PAD, autocast, make_scheduler, pick_device, prepare_model, resolve_precision
+from .precision import autocast, resolve_precision
+from .training import PAD, make_scheduler, pick_device, prepare_model
 from .workspace import run
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -138,6 +143,46 @@ def ceiling_runner(bench, device):
     return run
 
 
+def flops_per_image(bench, device):
+    """FLOPs of one training step per image, forward and backward, as torch's FlopCounterMode counts them
+    (matrix products and convolutions) on one real step of the model in the recipe's precision."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = min(bench.recipe.batch_size, 32)  # the count is per image: a small batch gives the same
+    model = ResNet(bench.blocks, bench.widths).to(device, memory_format=torch.channels_last).train()
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, bench.recipe.precision):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_flops_per_s(device, precision, reps=5):
+    """The device's dense matrix-product rate in `precision` (FLOP/s), measured here: square products large
+    enough to be compute-bound (8192 on a GPU, 2048 on a CPU), the best of `reps`."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b  # warm up (cuBLAS/oneDNN pick their kernels)
+    return 2 * n ** 3 / min(timed(device, lambda: a @ b) for _ in range(reps))
+
+
+def profile_step(bench, device, rows=15):
+    """torch.profiler's table of the operators one project step spends its time in, heaviest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = project_runner(argparse.Namespace(**{**vars(bench), "warmup": 1, "rounds": 1, "steps": 1}), device)
+    runner(1)  # warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        runner(1)
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=rows)
+
+
 def measure(bench, device):
     """images/s of each mode: warmed up once, then measured in `rounds` alternating rounds, best round kept,
     so a machine whose speed drifts (a shared or throttled one) does not favour the mode measured first."""
@@ -164,11 +209,13 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
     parser.add_argument("--blocks", type=int, nargs="+", help="default: model.blocks")
     parser.add_argument("--widths", type=int, nargs="+", help="default: model.widths")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default: train.precision")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="default: train.precision")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="torch.compile the project's and the ceiling's model (default: system.compile)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers of the reference loop (default: min(4, CPUs))")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print, to stderr, torch.profiler's table of the top operators of one project step")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     overrides = {"batch_size": args.batch_size, "precision": args.precision}
@@ -190,20 +237,29 @@ def main(argv=None):
     torch.manual_seed(0)
     np.random.seed(0)
     rates = measure(bench, device)
-    project, reference, ceiling = rates["project"], rates["reference"], rates["ceiling"]
+    flops = flops_per_image(bench, device)
+    peak = matmul_flops_per_s(device, bench.recipe.precision)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        capability = "compute capability " + ".".join(map(str, torch.cuda.get_device_capability(device)))
     else:
-        name = f"cpu ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
+        name, capability = f"cpu ({torch.get_num_threads()} threads)", torch.backends.cpu.get_cpu_capability()
     result = {
-        "device": name, "precision": bench.recipe.precision, "compile": bench.compile, "torch": torch.__version__,
-        "blocks": bench.blocks, "widths": bench.widths, "batch_size": bench.recipe.batch_size,
-        "steps": bench.steps, "rounds": bench.rounds,
-        "project_images_per_s": round(project, 1), "reference_images_per_s": round(reference, 1),
-        "ceiling_images_per_s": round(ceiling, 1),
-        "project_vs_reference": round(project / reference, 3), "project_vs_ceiling": round(project / ceiling, 3),
+        "device": name, "capability": capability, "precision": bench.recipe.precision, "compile": bench.compile,
+        "torch": torch.__version__, "blocks": bench.blocks, "widths": bench.widths,
+        "batch_size": bench.recipe.batch_size, "steps": bench.steps, "rounds": bench.rounds,
+        **{f"{mode}_images_per_s": round(rate, 1) for mode, rate in rates.items()},
+        "project_vs_reference": round(rates["project"] / rates["reference"], 3),
+        "project_vs_ceiling": round(rates["project"] / rates["ceiling"], 3),
+        # how close to the hardware: the model's FLOPs at each mode's speed against a dense matrix product's
+        "gflops_per_image": round(flops / 1e9, 4),
+        **{f"{mode}_tflop_per_s": round(rate * flops / 1e12, 4) for mode, rate in rates.items()},
+        "matmul_tflop_per_s": round(peak / 1e12, 4),
+        **{f"{mode}_mfu": round(rate * flops / peak, 4) for mode, rate in rates.items()},
         "recipe": asdict(bench.recipe),
     }
+    if bench.profile:
+        print(profile_step(bench, device), file=sys.stderr)
     print(json.dumps(result))
     return result
 

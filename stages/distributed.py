@@ -81,15 +81,17 @@ def torchrun_args(recipe, system, node, module):
     return args + ["-m", module]
 
 
-def launch(recipe, system, node, module):
-    """Run `python -m module` as recipe.nproc ranks on this node through torchrun's own launcher, and wait.
-    When a rank fails, torchrun stops the others; the failure becomes one UserError line (the rank's own
-    error is printed above it)."""
+def launch(recipe, system, node, module, environment):
+    """Run `python -m module` as recipe.nproc ranks on this node through torchrun's own launcher, with
+    `environment` added to theirs (the GPUs this launcher claimed for them), and wait. When a rank fails,
+    torchrun stops the others; the failure becomes one UserError line (the rank's own error is printed above
+    it)."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torchrun_args(recipe, system, node, module)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(recipe.nproc)))
+    os.environ.update(environment)  # torchrun's ranks inherit this process's environment
     sys.stdout.flush()
     try:
         torchrun.run(torchrun.parse_args(args))
@@ -104,6 +106,8 @@ def setup(device):
     or gloo on the CPU with a share of its cores), leaves it at exit, and on ranks other than 0 silences
     stdout so that only rank 0 reports (errors still reach stderr)."""
     if not under_torchrun():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the claimed GPU is this process's current one, for every library
         return Context(device)
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":

@@ -9,7 +9,8 @@ from .augment import Normalizer
 from .cifar10 import load_split
 from .model import load_model
 from .params import load_params
-from .training import bf16_supported, pick_device, score
+from .precision import evaluation_precision
+from .training import pick_device, score
 from .workspace import BATCHES_DIR, CONFUSION_FILE, MODEL_FILE, PER_CLASS_FILE, TEST_METRICS_FILE, run, write_json
 
 BATCH_SIZE = 1000
@@ -26,8 +27,7 @@ def main():
     stats, classes = checkpoint["stats"], checkpoint["classes"]
     images, labels = load_split(BATCHES_DIR, "test")
     device = pick_device()
-    # the training's own precision, so the test accuracy is the final validation accuracy
-    precision = checkpoint["precision"] if checkpoint["precision"] == "fp32" or bf16_supported(device) else "fp32"
+    precision = evaluation_precision(checkpoint["precision"], device)
     model = model.to(device, memory_format=torch.channels_last)
     loss, accuracy, predictions = score(model, images.to(device), labels.to(device),
                                         Normalizer(stats["mean"], stats["std"], device), BATCH_SIZE, precision)

@@ -9,6 +9,9 @@ class NoLive:
     """What ranks other than 0 log to: nothing (DVCLive's calls the train stage makes, doing nothing)."""
     step = 0
 
+    def __init__(self):
+        self.summary = {}
+
     def __enter__(self):
         return self
 

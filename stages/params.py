@@ -78,6 +78,11 @@ def _port(v):
         return "must be a TCP port, an integer from 1 to 65535"
 
 
+def _device(v):
+    if not isinstance(v, str) or not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", v):
+        return "must be auto, cpu, cuda or cuda:K (K: a GPU index)"
+
+
 def _positive_or_off(v):
     if v is False or v is None:
         return None
@@ -96,12 +101,13 @@ SCHEMA = {
         "weight_decay": _number(at_least=0),
         "grad_clip": _positive_or_off,
         "seed": _int(0),
-        "precision": _one_of("auto", "bf16", "fp32"),
+        "precision": _one_of("auto", "bf16", "fp16", "fp32"),
         "nproc": _int(1),
         "nnodes": _int(1),
         "sync_bn": _bool,
     },
     "system": {
+        "device": _device,
         "compile": _bool,
         "master_addr": _text,
         "master_port": _port,
@@ -122,7 +128,7 @@ class Recipe:
     weight_decay: float
     grad_clip: float | bool  # False: no clipping
     seed: int
-    precision: str  # auto | bf16 | fp32; the train stage resolves auto for its device
+    precision: str  # auto | bf16 | fp16 | fp32; the train stage resolves it for its device (precision.py)
     nproc: int
     nnodes: int
     sync_bn: bool
@@ -141,7 +147,9 @@ class System:
     """The `system` section: where and how a run executes, never what it computes, so no stage depends on it
     and changing it neither reruns training nor invalidates a checkpoint. compile is here because
     torch.compile changes the results only by floating-point rounding (as another GPU model would); the
-    rendezvous address and port cannot change them at all."""
+    rendezvous address and port cannot change them at all, nor can the device (on one kind of device; the
+    checkpoint's fingerprint holds the device type)."""
+    device: str  # auto | cpu | cuda | cuda:K (devices.py)
     compile: bool
     master_addr: str
     master_port: int

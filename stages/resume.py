@@ -63,7 +63,7 @@ def save_checkpoint(path, run_fingerprint, progress, trainer):
     state = {
         "fingerprint": run_fingerprint, "progress": asdict(progress),
         "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
         "rng": {"generator": trainer.generator.get_state(), "cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
@@ -89,6 +89,7 @@ def load_checkpoint(path, run_fingerprint, trainer):
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
     trainer.generator.set_state(state["rng"]["generator"])
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"]:

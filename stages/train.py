@@ -15,13 +15,14 @@ import torch
 from torchsummary import summary
 from tqdm import tqdm
 
-from . import distributed
+from . import devices, distributed
 from .cifar10 import load_split, read_classes
 from .live import log_epoch, open_log
 from .model import build_model, count_parameters, save_model
 from .params import Recipe, System, load_params
+from .precision import resolve_precision
 from .resume import CHECKPOINT_FILE, Progress, StopSignals, fingerprint, load_checkpoint, save_checkpoint
-from .training import Data, make_trainer, pick_device, resolve_precision, train_epoch, validation_scores
+from .training import Data, make_trainer, train_epoch, validation_scores
 from .workspace import (
     BATCHES_DIR,
     MODEL_FILE,
@@ -38,9 +39,9 @@ from .workspace import (
 def main(argv=None):
     """Check everything the run needs, then train here or, for several processes, launch them.
 
-    With train.nproc * train.nnodes > 1 this first process is only the launcher: torchrun starts
-    `python -m stages.train` once per rank, and every rank comes back through main(), passes the same checks
-    (cheap, and each rank needs their results) and, being under torchrun, trains."""
+    With train.nproc * train.nnodes > 1 this first process is only the launcher: it claims the node's GPUs,
+    then torchrun starts `python -m stages.train` once per rank, and every rank comes back through main(),
+    passes the same checks (cheap, and each rank needs their results) and, being under torchrun, trains."""
     params = load_params()
     recipe, system = Recipe.from_params(params), System.from_params(params)
     node = distributed.node_rank(argv, recipe)
@@ -48,22 +49,26 @@ def main(argv=None):
     model = build_model(**params["model"])  # the budget is checked before any work
     stats = read_json(STATS_FILE, "stats")
     classes = read_classes(BATCHES_DIR)
-    distributed.check(recipe, pick_device())
-    if distributed.needs_launch(recipe):
-        distributed.launch(recipe, system, node, "stages.train")
+    if distributed.under_torchrun():  # a rank: its launcher holds the GPUs
+        device, claim = devices.rank_device(system.device), None
     else:
-        train(params, recipe, system, model, stats, classes)
+        device, claim = devices.choose_device(system.device, recipe.nproc)
+    distributed.check(recipe, device)
+    recipe = replace(recipe, precision=resolve_precision(recipe.precision, device))  # an unsupported one: an error
+    if distributed.needs_launch(recipe):
+        distributed.launch(recipe, system, node, "stages.train", devices.launch_environment(claim))
+    else:
+        train(params, recipe, system, model, stats, classes, device, claim)
 
 
-def train(params, recipe, system, model, stats, classes):
+def train(params, recipe, system, model, stats, classes, device, claim):
     """This process's training, the only one or one rank of several: every epoch logged and checkpointed,
     then the run's metrics and (rank 0) the model."""
-    context = distributed.setup(pick_device())  # under torchrun: joins the process group
-    recipe = replace(recipe, precision=resolve_precision(recipe.precision, context.device))
+    # The data, read before the ranks meet (a bad batch stops each rank alone, in one line), then on the device
+    splits = load_split(BATCHES_DIR, "train"), load_split(BATCHES_DIR, "test")
+    context = distributed.setup(device)  # under torchrun: joins the process group, takes cuda:LOCAL_RANK
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-
-    # The data on the device
-    data = Data.on_device(load_split(BATCHES_DIR, "train"), load_split(BATCHES_DIR, "test"), stats, context.device)
+    data = Data.on_device(*splits, stats, context.device)
     if context.is_main:
         write_text(SUMMARY_FILE, layer_table(model))
     num_params = count_parameters(model)
@@ -72,7 +77,8 @@ def train(params, recipe, system, model, stats, classes):
     trainer = make_trainer(model, recipe, context, system.compile, len(data.labels))
     run_fingerprint = fingerprint(params, context.device)
     progress = restore(trainer, run_fingerprint, recipe)
-    print(f"training {num_params:,} parameters on {context.device} in {recipe.precision}"
+    where = devices.describe(context.device, claim)
+    print(f"training {num_params:,} parameters on {where} in {recipe.precision}"
           f"{', compiled' if system.compile else ''}"
           f"{f', {context.world_size} processes' if context.world_size > 1 else ''}: "
           f"{len(data.labels)} train / {len(data.test_labels)} test images")
@@ -92,6 +98,7 @@ def train(params, recipe, system, model, stats, classes):
                     save_checkpoint(CHECKPOINT_FILE, run_fingerprint, progress, trainer)
         progress.wall_seconds = wall_before + time.perf_counter() - start
         live.log_metric("best_val_acc", progress.best_val_acc, plot=False)
+        live.summary["device"] = where  # which GPU (or the CPU) trained it, beside the last epoch's values
 
     # The run's metrics and the model
     if context.is_main:

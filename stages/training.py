@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from .augment import Normalizer, random_crop_flip, reflect_pad
 from .distributed import Context, all_sum, broadcast_buffers, shard, wrap
+from .precision import autocast, make_scaler
 
 CROP_SIZE = 32
 PAD = 4  # the study's reflect-pad 4, then random 32x32 crops
@@ -17,27 +18,6 @@ PAD = 4  # the study's reflect-pad 4, then random 32x32 crops
 
 def pick_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def bf16_supported(device):
-    """Whether the device computes bf16 natively (on a CPU: oneDNN's AVX-512/AMX kernels; elsewhere it is
-    emulated, many times slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_precision(precision, device):
-    """train.precision 'auto' -> 'bf16' where the device supports it, else 'fp32'; 'bf16'/'fp32' as asked."""
-    if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    return precision
-
-
-def autocast(device, precision):
-    """bf16 autocast for the forward pass and loss; the weights, their gradients, the optimizer state and
-    the BatchNorm statistics stay fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @dataclass
@@ -68,18 +48,21 @@ class Trainer:
     eval_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (passing through) in bf16 and fp32
     generator: torch.Generator  # the order and the augmentation: seeded, saved in the checkpoint
 
 
 def make_trainer(model, recipe, context, compile, num_images):
     """The model on the context's device in channels_last (the fast layout for convolutions, in oneDNN and
-    cuDNN), wrapped for several ranks and compiled if asked, with Adam and OneCycle for `num_images` per epoch."""
+    cuDNN), wrapped for several ranks and compiled if asked, with Adam and OneCycle for `num_images` per epoch,
+    in recipe.precision (resolved)."""
     model, step_model = prepare_model(model, context.device, compile, context, recipe.sync_bn)
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch(num_images, recipe.batch_size))
+    scaler = make_scaler(context.device, recipe.precision)
     generator = torch.Generator(context.device).manual_seed(recipe.seed)
     eval_model = step_model if context.world_size == 1 else model
-    return Trainer(model, step_model, eval_model, optimizer, scheduler, generator)
+    return Trainer(model, step_model, eval_model, optimizer, scheduler, scaler, generator)
 
 
 def prepare_model(model, device, compile, context=None, sync_bn=False):
@@ -111,7 +94,7 @@ def steps_per_epoch(num_images, batch_size):
 
 def train_epoch(trainer, data, recipe, context, desc="train"):
     """One pass over the padded uint8 training set (on the training device) in a fresh random order, in
-    recipe.precision ('bf16' or 'fp32', resolved). Returns (mean loss, accuracy) as device tensors:
+    recipe.precision ('bf16', 'fp16' or 'fp32', resolved). Returns (mean loss, accuracy) as device tensors:
     nothing is read back to the host per step, so a GPU never waits for the Python loop.
 
     On several ranks (`step_model` in DistributedDataParallel), every rank draws the same order and crops from
@@ -119,7 +102,7 @@ def train_epoch(trainer, data, recipe, context, desc="train"):
     loss is its images' summed loss * world_size / global batch, so that DDP's average of the ranks'
     gradients is the gradient of the global batch's mean loss: one step means the same at any process
     count. The sums of loss and hits are all-reduced once, at the end of the epoch."""
-    model, optimizer, generator = trainer.step_model, trainer.optimizer, trainer.generator
+    model, optimizer, scaler, generator = trainer.step_model, trainer.optimizer, trainer.scaler, trainer.generator
     model.train()
     device, labels = data.padded.device, data.labels
     order = torch.randperm(len(labels), device=device, generator=generator)
@@ -134,10 +117,12 @@ def train_epoch(trainer, data, recipe, context, desc="train"):
             logits = model(x)
             summed = F.cross_entropy(logits, y, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
-        (summed * (context.world_size / len(batch))).backward()
+        scaler.scale(summed * (context.world_size / len(batch))).backward()
         if recipe.grad_clip:  # after backward's all-reduce: the same averaged gradients on every rank
+            scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
             nn.utils.clip_grad_value_(trainer.model.parameters(), recipe.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale shrinks
+        scaler.update()
         trainer.scheduler.step()
         loss_sum += summed.detach()
         correct += (logits.argmax(1) == y).sum()

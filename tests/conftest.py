@@ -6,7 +6,8 @@ import hashlib
 import http.server
 import io
 import pickle
-import re
+import subprocess
+import sys
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -14,7 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dvcrepo import copy_repo, dvc, make_repo, run, training_results
+from dvcrepo import (
+    copy_repo,
+    dvc,
+    env,
+    experiment_refs,
+    experiment_results,
+    make_repo,
+    module,
+    queue_states,
+    run,
+    start_workers,
+    training_results,
+    wait_for_experiments,
+)
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # One colour per class, far apart: a tiny network tells them apart in a few epochs, and crops and flips
@@ -101,13 +115,10 @@ def archive(archive_dir, server_url):
 
 @dataclass
 class Pipeline:
-    """A test repository and what building it printed."""
+    """A test repository and what building it printed and trained."""
     repo: Path
     output: str  # of the `dvc repro` that built it
-    results: dict = None  # training_results of the baseline
-    experiment: str = ""  # the name of the experiment on top, if any
-    experiment_output: str = ""  # of its `dvc exp run`
-    experiment_results: dict = None  # its training_results
+    results: dict = None  # training_results of the run, if it trained
 
 
 @pytest.fixture(scope="session")
@@ -124,17 +135,45 @@ def data_repo(tmp_path_factory, archive):
 
 @pytest.fixture(scope="session")
 def trained_repo(tmp_path_factory, data_repo):
-    """data_repo with the rest of the pipeline run and committed (the baseline, HEAD), and one experiment on
-    top (model.blocks=[1,1,1,1]), with what each training decided: the reference runs other tests compare
-    with. The work tree is back at the baseline."""
+    """data_repo with the rest of the pipeline run by `dvc repro` and committed (the baseline, HEAD), and what
+    that training decided: the reference the queued, resumed and restarted runs of the same params must match."""
     repo = copy_repo(data_repo.repo, tmp_path_factory.mktemp("trained-repo") / "repo")
     output = dvc(repo, "repro")
-    baseline = training_results(repo)
+    results = training_results(repo)
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline")
-    experiment = dvc(repo, "exp", "run", "-S", "model.blocks=[1,1,1,1]")
-    shallow = training_results(repo)
-    run(repo, "git", "reset", "-q", "--hard")
-    dvc(repo, "checkout", "--force")
-    name = re.search(r"Ran experiment\(s\): (\S+)", experiment).group(1)
-    return Pipeline(repo, output, baseline, name, experiment, shallow)
+    return Pipeline(repo, output, results)
+
+
+# final and blocks-1111 narrowed to the test repositories' widths [8, 16, 32, 64]: with the rest of params.yaml
+# (3 epochs, seed 0), final is exactly trained_repo's baseline
+SWEEP = ["--only", "final", "blocks-1111", "--width-divisor", "8"]
+
+
+@dataclass
+class Swept:
+    """A copy of data_repo in which `python -m stages.sweep` queued two tiny variants and `dvc queue start -j 2`
+    ran them, both at once."""
+    repo: Path
+    code: int  # the sweep's exit status
+    output: str  # and output
+    queued: dict  # {name: state} after queueing
+    finished: dict  # and after the run
+    started: str  # what `dvc queue start` said
+    results: dict  # {name: training_results} of each experiment
+
+
+@pytest.fixture(scope="session")
+def swept(data_repo, tmp_path_factory):
+    repo = copy_repo(data_repo.repo, tmp_path_factory.mktemp("swept") / "repo")
+    code, output = module(repo, "sweep", *SWEEP)
+    queued = queue_states(repo)
+    try:
+        started = start_workers(repo, repo.parent / "queue-start.log", jobs=2)
+        wait_for_experiments(repo, {"final", "blocks-1111"})
+    finally:  # the workers run in the background: stop them, and any task they left running
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo, env=env(),
+                       capture_output=True, timeout=120)
+    refs = experiment_refs(repo)
+    return Swept(repo, code, output, queued, queue_states(repo), started,
+                 {name: experiment_results(repo, refs[name]) for name in ["final", "blocks-1111"]})

@@ -141,7 +141,7 @@ def wait_for_experiments(repo, names, timeout=900):
             return
         failed = "refs/exps/celery/failed" in refs
         assert not failed and time.monotonic() < deadline, dvc(repo, "queue", "status")
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 def stop_after_first_epoch(repo, process, signum):
@@ -155,3 +155,48 @@ def stop_after_first_epoch(repo, process, signum):
     os.killpg(process.pid, signum)
     stdout, stderr = process.communicate(timeout=120)
     return process.returncode, stderr, epoch
+
+
+def module(repo, name, *args):
+    """python -m stages.<name> args in repo, as its own process -> (exit status, stdout + stderr)."""
+    result = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=repo, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
+def queue_rows(repo):
+    """[(experiment name, state)] of the tasks `dvc queue status` lists."""
+    table = dvc(repo, "queue", "status", timeout=120).split("\n\n")[0]  # then a blank line and the workers
+    return [(parts[1], parts[-1]) for parts in (line.split() for line in table.splitlines()[1:])]
+
+
+def queue_states(repo):
+    """{experiment name: state} from `dvc queue status`."""
+    return dict(queue_rows(repo))
+
+
+def start_workers(repo, log, jobs):
+    """`dvc queue start -j jobs`. Its workers keep the command's stdout and stderr open, so they go to a file:
+    through a pipe, the command would seem to run as long as the workers."""
+    with open(log, "w") as f:
+        result = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
+                                env=env(), stdout=f, stderr=subprocess.STDOUT, timeout=120)
+    assert result.returncode == 0, log.read_text()
+    return log.read_text()
+
+
+def experiment_results(repo, rev):
+    """training_results of the experiment at `rev`, read through DVC's file system API from its cached outputs."""
+    from dvc.api import DVCFileSystem
+
+    fs = DVCFileSystem(str(repo), rev=rev)
+    return {"metrics": results(json.loads(fs.read_text("metrics/train/metrics.json"))),
+            "curves": {name: fs.read_text(f"metrics/train/plots/metrics/{name}.tsv") for name in CURVES},
+            "model": fs.read_bytes("models/model.pt"),
+            "evaluate": json.loads(fs.read_text("metrics/evaluate/metrics.json"))}
+
+
+def experiment_refs(repo):
+    """{experiment name: commit} of the finished experiments."""
+    refs = run(repo, "git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps").splitlines()
+    return {ref.rsplit("/", 1)[1]: sha for ref, sha in map(str.split, refs) if not ref.startswith("refs/exps/celery/")}

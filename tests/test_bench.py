@@ -47,3 +47,27 @@ def test_bench_defaults_to_the_studys_model_from_params(monkeypatch):
     args = bench.parse_args([])
     assert args.blocks == [2, 1, 1, 1] and args.widths == [64, 128, 256, 512] and args.recipe.batch_size == 400
     assert args.recipe.max_lr == 0.01 and args.recipe.grad_clip == 0.1 and args.compile is False
+
+
+def test_flops_per_image_are_a_training_steps_forward_and_backward():
+    """ResNet([1], [8]) by hand, per image: the stem (3 -> 8) and the block's two 8 -> 8 3x3 convolutions at
+    32x32, the 8 -> 10 head; backward computes each layer's weight gradient (as many FLOPs as its forward) and
+    the gradient of its input, except the stem's (the image needs none)."""
+    args = bench.parse_args(["--blocks", "1", "--widths", "8", "--precision", "fp32", "--params",
+                             str(REPO / "params.yaml")])
+    stem, conv, head = 2 * 3 * 8 * 9 * 32 * 32, 2 * 8 * 8 * 9 * 32 * 32, 2 * 8 * 10
+    forward = stem + 2 * conv + head
+    backward = stem + 2 * (2 * conv) + 2 * head
+    assert bench.flops_per_image(args, training.pick_device()) == forward + backward == 7_963_104
+
+
+def test_bench_reports_its_distance_to_the_hardware_and_the_top_operators(capsys):
+    bench.main(["--params", str(REPO / "params.yaml"), *TINY, "--precision", "fp32", "--profile"])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["gflops_per_image"] == round(bench.flops_per_image(bench.parse_args(
+        ["--params", str(REPO / "params.yaml"), *TINY]), training.pick_device()) / 1e9, 4)
+    assert result["matmul_tflop_per_s"] > 0 and result["capability"]
+    for mode in ["project", "reference", "ceiling"]:
+        assert 0 < result[f"{mode}_mfu"] < 1 and result[f"{mode}_tflop_per_s"] > 0
+    assert "Self CPU" in captured.err and "aten::" in captured.err  # the profiler's table of operators

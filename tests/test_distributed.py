@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dvcrepo import copy_repo, dvc, env, make_repo, read_json, run, set_params, stages_run
+from dvcrepo import copy_repo, dvc, env, read_json, run, set_params, stages_run
 from test_pipeline import OUTPUTS
 from torch import nn
 
@@ -21,7 +21,7 @@ from stages.workspace import UserError
 
 TRAIN = Recipe(epochs=1, batch_size=50, max_lr=0.01, warmup_fraction=0.3, weight_decay=1e-4, grad_clip=0.1, seed=0,
                precision="fp32", nproc=2, nnodes=1, sync_bn=False)
-SYSTEM = System(compile=False, master_addr="localhost", master_port=29500)
+SYSTEM = System(device="auto", compile=False, master_addr="localhost", master_port=29500)
 CPU = torch.device("cpu")
 
 
@@ -45,7 +45,7 @@ def test_a_rank_crops_its_part_exactly_as_one_process_crops_the_whole_batch():
 def test_torchrun_command_lines_for_one_node_and_for_several():
     assert torchrun_args(TRAIN, SYSTEM, 0, "stages.train") == ["--nproc-per-node=2", "--standalone", "-m",
                                                                "stages.train"]
-    nodes, meeting = replace(TRAIN, nproc=8, nnodes=2), System(False, master_addr="10.0.0.1", master_port=29400)
+    nodes, meeting = replace(TRAIN, nproc=8, nnodes=2), replace(SYSTEM, master_addr="10.0.0.1", master_port=29400)
     assert torchrun_args(nodes, meeting, 1, "stages.train") == [
         "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
         "-m", "stages.train"]
@@ -85,11 +85,11 @@ def data(n):
     return images, torch.randint(0, 10, (n,), generator=generator)
 
 
-def train_steps(n, rank, world_size, device=CPU, model_class=FrozenStatisticsResNet, sync_bn=False):
-    """An epoch of the training engine over n images (at most one batch: one step), fp32: (loss, accuracy,
-    weights, gradients) on the host."""
+def train_steps(n, rank, world_size, device=CPU, model_class=FrozenStatisticsResNet, sync_bn=False, precision="fp32"):
+    """An epoch of the training engine over n images (at most one batch: one step): (loss, accuracy, weights,
+    gradients) on the host."""
     torch.manual_seed(0)
-    recipe, context = replace(TRAIN, sync_bn=sync_bn), Context(device, rank, world_size)
+    recipe, context = replace(TRAIN, sync_bn=sync_bn, precision=precision), Context(device, rank, world_size)
     # 10 steps per epoch for OneCycle: the first step at its initial rate
     trainer = make_trainer(model_class([1, 1, 1, 1], [8, 16, 32, 64]), recipe, context, False, 10 * TRAIN.batch_size)
     images, labels = data(n)
@@ -111,7 +111,7 @@ def rank_main(rank, store, out, cuda):
         if cuda:
             results = [train_steps(50, rank, 2, torch.device("cuda", rank), ResNet, sync_bn=True)]
         else:
-            results = [train_steps(n, rank, 2) for n in (50, 1)]
+            results = [train_steps(n, rank, 2) for n in (50, 1)] + [train_steps(50, rank, 2, precision="fp16")]
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -166,6 +166,18 @@ def test_with_sync_bn_one_step_of_the_real_model_on_two_gpus_equals_one_gpu_with
     assert_close(weights, one_weights, atol=1e-5)  # running statistics included
 
 
+def test_fp16_with_loss_scaling_on_two_processes_steps_as_one_process_does(two_ranks):
+    """The loss scale multiplies every rank's loss alike, so the all-reduced gradients unscale to the global
+    batch's, and clipping and the step see the same values on every rank (fp16 rounding aside)."""
+    loss, acc, _, grads = two_ranks[2]
+    one_loss, one_acc, _, one_grads = train_steps(50, 0, 1, precision="fp16")
+    assert loss == pytest.approx(one_loss, rel=1e-3) and acc == pytest.approx(one_acc)
+    assert_close(grads, one_grads, atol=2e-4)  # unscaled and clipped (to 0.1) alike
+    assert max(g.abs().max() for g in grads.values()) > 1e-2  # true magnitudes, not scaled by 65536 or left scaled
+    fp32_grads = two_ranks[0][3]
+    assert any(not torch.equal(grads[k], fp32_grads[k]) for k in grads)  # and it did compute in fp16
+
+
 def test_a_batch_smaller_than_the_world_leaves_a_rank_without_images_and_still_steps_the_same(two_ranks):
     loss, acc, weights, grads = two_ranks[1]
     one_loss, one_acc, one_weights, one_grads = train_steps(1, 0, 1)
@@ -175,13 +187,17 @@ def test_a_batch_smaller_than_the_world_leaves_a_rank_without_images_and_still_s
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, archive):
-    return make_repo(tmp_path_factory.mktemp("ddp_pipeline"), archive, train__nproc=2)
+def repo(data_repo, tmp_path_factory):
+    """A copy of the data repository set to train on 2 processes, committed."""
+    repo = copy_repo(data_repo.repo, tmp_path_factory.mktemp("ddp_pipeline") / "repo")
+    set_params(repo, train__nproc=2)
+    run(repo, "git", "commit", "-qam", "2 processes")
+    return repo
 
 
 def test_repro_on_two_processes_writes_every_output_once_and_learns(repo):
     output = dvc(repo, "repro")
-    assert stages_run(output) == {"download", "stats", "train", "evaluate", "plot"}
+    assert stages_run(output) == {"train", "evaluate", "plot"}
     assert "2 processes" in output and output.count("final val acc") == 1  # rank 1 prints nothing
     for path in OUTPUTS:
         assert (repo / path).is_file() and (repo / path).stat().st_size > 0, path
@@ -192,7 +208,7 @@ def test_repro_on_two_processes_writes_every_output_once_and_learns(repo):
     # the sharded validation measured the model rank 0 saved, which evaluate reads as is
     assert test["accuracy"] == pytest.approx(train["val"]["acc"], abs=1e-6)
     assert test["loss"] == pytest.approx(train["val"]["loss"], rel=1e-4)
-    assert run(repo, "git", "status", "--porcelain", "--untracked-files=all").split() == ["??", "dvc.lock"]
+    assert run(repo, "git", "status", "--porcelain", "--untracked-files=all").split() == ["M", "dvc.lock"]
 
 
 @pytest.fixture

@@ -1,90 +1,43 @@
 """The study's comparisons as DVC experiments: the sweep queues variants, DVC's queue runs them, and the
 comparison reads them back through DVC's Python API. Two tiny variants on the synthetic archive, swept once
-(the `swept` fixture); the tests that change a repository change their own copy."""
-import json
-import subprocess
-import sys
+(conftest's `swept`); the tests that change a repository change their own copy."""
+import importlib
 
 import pytest
-from dvc.api import exp_show, read
-from dvcrepo import CURVES, assert_curves_overlaid, copy_repo, dvc, env, results, run, wait_for_experiments
+from dvc.api import exp_show
+from dvcrepo import assert_curves_overlaid, copy_repo, dvc, module, queue_rows, queue_states, run
 
 from stages.compare import experiments, markdown_table
 from stages.model import ResNet, count_parameters
 from stages.sweep import VARIANTS, queue_commands
+from stages.workspace import run as run_stage
 
-# final and blocks-1111 narrowed to the test repositories' widths [8, 16, 32, 64]: with the rest of params.yaml
-# (3 epochs, seed 0) they are exactly trained_repo's baseline and its experiment, run directly
-SWEEP = ["--only", "final", "blocks-1111", "--width-divisor", "8"]
 PARAMS = {"final": 79186, "blocks-1111": 78002}  # [2,1,1,1] and [1,1,1,1] x [8,16,32,64]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def module(repo, name, *args):
-    """python -m stages.<name> args in repo -> (exit status, stdout + stderr)."""
-    result = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=repo, env=env(),
-                            capture_output=True, text=True, timeout=300)
-    return result.returncode, result.stdout + result.stderr
-
-
-def queue_rows(repo):
-    """[(experiment name, state)] of the tasks `dvc queue status` lists."""
-    table = dvc(repo, "queue", "status", timeout=120).split("\n\n")[0]  # then a blank line and the workers
-    return [(parts[1], parts[-1]) for parts in (line.split() for line in table.splitlines()[1:])]
-
-
-def queue_states(repo):
-    """{experiment name: state} from `dvc queue status`."""
-    return dict(queue_rows(repo))
-
-
-def start_workers(repo, log, jobs):
-    """`dvc queue start -j jobs`. Its workers keep the command's stdout and stderr open, so they go to a file:
-    through a pipe, the command would seem to run as long as the workers."""
-    with open(log, "w") as f:
-        result = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
-                                env=env(), stdout=f, stderr=subprocess.STDOUT, timeout=120)
-    assert result.returncode == 0, log.read_text()
-    return log.read_text()
-
-
-def experiment_results(repo, rev):
-    """training_results of the experiment at `rev`, read through DVC's API from its cached outputs."""
-    def text(path):
-        return read(path, repo=str(repo), rev=rev)
-    return {"metrics": results(json.loads(text("metrics/train/metrics.json"))),
-            "curves": {name: text(f"metrics/train/plots/metrics/{name}.tsv") for name in CURVES},
-            "model": read("models/model.pt", repo=str(repo), rev=rev, mode="rb"),
-            "evaluate": json.loads(text("metrics/evaluate/metrics.json"))}
-
-
-def experiment_refs(repo):
-    """{experiment name: commit} of the finished experiments."""
-    refs = run(repo, "git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps").splitlines()
-    return {ref.rsplit("/", 1)[1]: sha for ref, sha in map(str.split, refs) if not ref.startswith("refs/exps/celery/")}
+@pytest.fixture
+def call(monkeypatch, capsys):
+    """`python -m stages.<name> args` in repo, run in this process through the same entry point (workspace.run
+    around main): (exit status, stdout + stderr). The subprocess itself is tested once per module below."""
+    def call_module(repo, name, *args):
+        main = importlib.import_module(f"stages.{name}").main
+        monkeypatch.chdir(repo)
+        capsys.readouterr()
+        try:
+            run_stage(main, list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+    return call_module
 
 
 @pytest.fixture
 def fresh(data_repo, tmp_path):
     """A copy of the data repository: no experiment yet."""
     return copy_repo(data_repo.repo, tmp_path / "repo")
-
-
-@pytest.fixture(scope="module")
-def swept(data_repo, tmp_path_factory):
-    """A copy of the data repository in which the sweep queued two tiny variants and the queue ran them, both
-    at once: (repo, the sweep's exit status and output, the queue's states before and after, what
-    `dvc queue start` said)."""
-    repo = copy_repo(data_repo.repo, tmp_path_factory.mktemp("swept") / "repo")
-    code, output = module(repo, "sweep", *SWEEP)
-    queued = queue_states(repo)
-    try:
-        started = start_workers(repo, repo.parent / "queue-start.log", jobs=2)
-        wait_for_experiments(repo, {"final", "blocks-1111"})
-    finally:  # the worker runs in the background: stop it, and any task it left running
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo, env=env(),
-                       capture_output=True, timeout=120)
-    return repo, code, output, queued, queue_states(repo), started
 
 
 def test_the_study_variants_fit_the_budget_and_the_small_one_is_under_a_million():
@@ -110,8 +63,8 @@ def test_a_sweep_command_sets_the_compared_keys_then_the_overrides():
     (["-S", "epochs"], "-S 'epochs': expected section.key=value"),
     (["--width-divisor", "3"], "--width-divisor 3 does not divide model.widths [64, 128, 256, 512]"),
 ])
-def test_sweep_rejects_bad_input_in_one_line(fresh, args, phrase):
-    code, output = module(fresh, "sweep", *args)
+def test_sweep_rejects_bad_input_in_one_line(fresh, call, args, phrase):
+    code, output = call(fresh, "sweep", *args)
     assert code == 1 and output.strip().splitlines()[-1].startswith("error: ") and phrase in output, output
     assert "Traceback" not in output
 
@@ -141,20 +94,20 @@ def test_compare_without_experiments_says_how_to_get_some(fresh, tmp_path):
 
 
 def test_the_sweep_queues_two_tiny_experiments_and_the_queue_runs_them_at_once_each_correctly(swept, trained_repo):
-    repo, code, output, queued, finished, started = swept
-    assert code == 0 and "queued 2 experiment(s)" in output, output
-    assert queued == {"final": "Queued", "blocks-1111": "Queued"}
-    assert "Started '2' new experiments task queue workers" in started
-    assert finished == {"final": "Success", "blocks-1111": "Success"}
-    # each, trained in its own temporary copy beside the other, decided exactly what the direct run of the same
-    # params did (so the same seed gives the same metrics, curves and model.pt, bit for bit)
-    refs = experiment_refs(repo)
-    assert experiment_results(repo, refs["final"]) == trained_repo.results
-    assert experiment_results(repo, refs["blocks-1111"]) == trained_repo.experiment_results
+    assert swept.code == 0 and "queued 2 experiment(s)" in swept.output, swept.output
+    assert swept.queued == {"final": "Queued", "blocks-1111": "Queued"}
+    assert "Started '2' new experiments task queue workers" in swept.started
+    assert swept.finished == {"final": "Success", "blocks-1111": "Success"}
+    # final, trained in its own temporary copy beside blocks-1111, decided exactly what `dvc repro` of the same
+    # params did: the same seed gives the same metrics, curves and model.pt, bit for bit. (blocks-1111 is
+    # checked the same way against a direct run by test_reliability's SIGINT test.)
+    final, shallow = swept.results["final"], swept.results["blocks-1111"]
+    assert final == trained_repo.results
+    assert shallow["metrics"] != final["metrics"] and shallow["model"] != final["model"]
 
 
-def test_sweep_dry_run_prints_the_seven_commands_and_queues_nothing(fresh):
-    code, output = module(fresh, "sweep", "--dry-run")
+def test_sweep_dry_run_prints_the_seven_commands_and_queues_nothing(fresh, call):
+    code, output = call(fresh, "sweep", "--dry-run")
     lines = output.strip().splitlines()
     assert code == 0 and len(lines) == 7, output
     for line, command in zip(lines, queue_commands(list(VARIANTS))):
@@ -162,8 +115,8 @@ def test_sweep_dry_run_prints_the_seven_commands_and_queues_nothing(fresh):
     assert queue_states(fresh) == {}
 
 
-def test_the_default_sweep_queues_the_seven_variants_with_their_exact_params(fresh):
-    code, output = module(fresh, "sweep")
+def test_the_default_sweep_queues_the_seven_variants_with_their_exact_params(fresh, call):
+    code, output = call(fresh, "sweep")
     assert code == 0 and "queued 7 experiment(s)" in output, output
     try:
         rows = {row["Experiment"]: row for row in exp_show(repo=str(fresh)) if row.get("Experiment")}
@@ -177,18 +130,18 @@ def test_the_default_sweep_queues_the_seven_variants_with_their_exact_params(fre
         dvc(fresh, "queue", "remove", "--all")
 
 
-def test_a_name_is_one_experiment_per_commit_and_force_queues_its_replacement(swept, tmp_path):
-    repo = copy_repo(swept[0], tmp_path / "repo")
-    code, output = module(repo, "sweep", "--only", "final")
+def test_a_name_is_one_experiment_per_commit_and_force_queues_its_replacement(swept, call, tmp_path):
+    repo = copy_repo(swept.repo, tmp_path / "repo")
+    code, output = call(repo, "sweep", "--only", "final")
     assert code == 1 and "error: queueing final failed: " in output and "conflicts with existing experiment" in output
-    code, output = module(repo, "sweep", "--only", "final", "--force", "--width-divisor", "8")
+    code, output = call(repo, "sweep", "--only", "final", "--force", "--width-divisor", "8")
     assert code == 0 and "queued 1 experiment(s)" in output and " --force " in output, output
     assert sorted(queue_rows(repo)) == [("blocks-1111", "Success"), ("final", "Queued"), ("final", "Success")]
     # DVC took it: once run, it replaces the experiment of that name
 
 
 def test_exp_show_lists_both_with_their_metrics(swept):
-    rows = {row["Experiment"]: row for row in exp_show(repo=str(swept[0])) if row["Experiment"]}
+    rows = {row["Experiment"]: row for row in exp_show(repo=str(swept.repo)) if row["Experiment"]}
     assert set(rows) == {"final", "blocks-1111"}
     for name, row in rows.items():
         assert row["params"] == PARAMS[name] and row["train.epochs"] == 3
@@ -197,10 +150,10 @@ def test_exp_show_lists_both_with_their_metrics(swept):
     assert rows["blocks-1111"]["model.blocks"] == "[1, 1, 1, 1]" and rows["final"]["model.blocks"] == "[2, 1, 1, 1]"
 
 
-def test_compare_draws_accuracy_against_size_and_the_curves_and_tabulates_best_first(swept, tmp_path):
-    repo = swept[0]
+def test_compare_draws_accuracy_against_size_and_the_curves_and_tabulates_best_first(swept, call, tmp_path):
+    repo = swept.repo
     out = tmp_path / "report"
-    code, output = module(repo, "compare", "--out", str(out), "--curves", "blocks-1111", "final")
+    code, output = call(repo, "compare", "--out", str(out), "--curves", "blocks-1111", "final")
     assert code == 0 and "compared 2 experiment(s)" in output, output
     for name in ["accuracy_vs_params.png", "val_acc.png"]:
         assert (out / name).read_bytes().startswith(PNG), name
@@ -214,20 +167,20 @@ def test_compare_draws_accuracy_against_size_and_the_curves_and_tabulates_best_f
     assert accuracies == [round(100 * a, 2) for a in sorted(shown.values(), reverse=True)]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
-    code, output = module(repo, "compare", "--curves", "final", "nope")
+    code, output = call(repo, "compare", "--curves", "final", "nope")
     assert code == 1 and "error: --curves: no experiment with results named nope" in output
 
 
-def test_compare_n_takes_the_experiments_of_earlier_commits(swept, tmp_path):
-    repo = copy_repo(swept[0], tmp_path / "repo")
+def test_compare_n_takes_the_experiments_of_earlier_commits(swept, call, tmp_path):
+    repo = copy_repo(swept.repo, tmp_path / "repo")
     (repo / "notes.txt").write_text("a later commit\n")
     run(repo, "git", "add", "notes.txt")
     run(repo, "git", "commit", "-qm", "a later commit, without experiments")
-    code, output = module(repo, "compare", "--out", str(tmp_path / "one"))
+    code, output = call(repo, "compare", "--out", str(tmp_path / "one"))
     assert code == 1 and "no experiment with results yet" in output, output
-    code, output = module(repo, "compare", "-n", "2", "--out", str(tmp_path / "two"))
+    code, output = call(repo, "compare", "-n", "2", "--out", str(tmp_path / "two"))
     assert code == 0 and "compared 2 experiment(s)" in output, output
 
 
 def test_plots_diff_overlays_two_experiments(swept):
-    assert_curves_overlaid(swept[0], "final", "blocks-1111")
+    assert_curves_overlaid(swept.repo, "final", "blocks-1111")

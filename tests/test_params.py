@@ -27,7 +27,7 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     assert params["train"]["grad_clip"] == 0.1 and params["train"]["epochs"] == 70
     assert params["train"]["nproc"] == params["train"]["nnodes"] == 1 and params["train"]["sync_bn"] is False
     assert params["data"]["md5"] == "c58f30108f718f92721af3b95e74349a"
-    assert params["system"] == {"compile": False, "master_addr": "localhost", "master_port": 29500}
+    assert params["system"] == {"device": "auto", "compile": False, "master_addr": "localhost", "master_port": 29500}
 
 
 def test_the_typed_views_hold_exactly_their_sections_keys():
@@ -57,7 +57,9 @@ def test_the_typed_views_hold_exactly_their_sections_keys():
     ("train.grad_clip", 0, "number > 0, or false"),
     ("train.grad_clip", "off", "number > 0, or false"),
     ("train.seed", -1, "integer >= 0"),
-    ("train.precision", "fp16", "one of auto, bf16, fp32"),
+    ("train.precision", "fp8", "one of auto, bf16, fp16, fp32"),
+    ("system.device", "gpu", "must be auto, cpu, cuda or cuda:K"),
+    ("system.device", "cuda:x", "must be auto, cpu, cuda or cuda:K"),
     ("system.compile", "yes", "true or false"),
     ("train.nproc", 0, "integer >= 1"),
     ("train.nnodes", 1.5, "integer >= 1"),

@@ -48,12 +48,11 @@ def encoded_fields(spec):
 
 @pytest.fixture(scope="module")
 def repo(trained_repo):
-    """The tiny pipeline run committed as the baseline, and one experiment on top: (repo, experiment name)."""
-    return trained_repo.repo, trained_repo.experiment
+    """The tiny pipeline run and committed."""
+    return trained_repo.repo
 
 
 def test_every_declared_plot_has_data_and_its_fields(repo):
-    repo, _ = repo
     shown = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
     vega, images = declared_plots()
     assert set(shown) == set(vega) | set(images)
@@ -161,14 +160,12 @@ def check_page(browser, page, screenshot, revisions):
 
 
 def test_plots_show_page_draws_every_chart_offline(browser, repo, tmp_path):
-    repo, _ = repo
     dvc(repo, "plots", "show", "-o", str(tmp_path / "show"))
     check_page(browser, tmp_path / "show" / "index.html", ARTIFACTS / "plots_show.png", revisions=1)
 
 
-def test_plots_diff_page_of_two_experiments_draws_every_chart_offline(browser, repo, tmp_path):
-    repo, experiment = repo
-    dvc(repo, "plots", "diff", "HEAD", experiment, "-o", str(tmp_path / "diff"))
+def test_plots_diff_page_of_two_experiments_draws_every_chart_offline(browser, swept, tmp_path):
+    dvc(swept.repo, "plots", "diff", "final", "blocks-1111", "-o", str(tmp_path / "diff"))
     check_page(browser, tmp_path / "diff" / "index.html", ARTIFACTS / "plots_diff.png", revisions=2)
 
 

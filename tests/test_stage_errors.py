@@ -35,11 +35,14 @@ def set_param(workdir, section, key, value):
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def stage_process(workdir, stage):
-    """`python -m stages.<stage>` in workdir, as DVC runs it: (exit status, stderr)."""
-    result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "CUDA_VISIBLE_DEVICES": ""})
-    return result.returncode, result.stderr.strip()
+def stage_processes(workdir, stages):
+    """`python -m stages.<stage>` in workdir for each stage, as DVC runs it, all at once: {stage: (exit status,
+    stderr)}."""
+    processes = {stage: subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "CUDA_VISIBLE_DEVICES": ""})
+                 for stage in stages}
+    return {stage: (p.wait(timeout=120), p.communicate()[1].strip()) for stage, p in processes.items()}
 
 
 @pytest.fixture
@@ -101,8 +104,7 @@ def test_train_over_the_budget_fails_before_any_work(workdir, run_stage):
 
 def test_an_invalid_param_fails_every_stage_process(workdir):
     set_param(workdir, "train", "epochs", 0)
-    for stage in ["download", "stats", "train", "evaluate", "plot"]:
-        code, stderr = stage_process(workdir, stage)
+    for stage, (code, stderr) in stage_processes(workdir, ["download", "stats", "train", "evaluate", "plot"]).items():
         assert stderr == "error: params.yaml: train.epochs = 0 must be an integer >= 1" and code == 1, (stage, stderr)
 
 

@@ -15,7 +15,6 @@ from stages.training import (
     make_scheduler,
     make_trainer,
     prepare_model,
-    resolve_precision,
     score,
     steps_per_epoch,
     train_epoch,
@@ -89,17 +88,6 @@ def test_bf16_autocasts_the_forward_pass_and_keeps_fp32_weights_and_batchnorm_st
     assert all(b.dtype == torch.float32 for name, b in trainer.model.named_buffers() if "running" in name)
     assert all(s.dtype == torch.float32 for state in trainer.optimizer.state.values() for s in state.values()
                if s.ndim)
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_follows_the_hardware_check(monkeypatch, native):
-    """The real resolve_precision, with the hardware's own answer (oneDNN's bf16 check on a CPU, CUDA's on a
-    GPU) monkeypatched both ways; an explicit precision is never overridden."""
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: native)
-    for device in [torch.device("cpu"), torch.device("cuda")]:
-        assert resolve_precision("auto", device) == ("bf16" if native else "fp32"), device
-        assert resolve_precision("fp32", device) == "fp32" and resolve_precision("bf16", device) == "bf16"
 
 
 def one_step(recipe, seed=0):

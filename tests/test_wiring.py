@@ -2,7 +2,6 @@
 section changes nothing DVC or the checkpoint cares about, and the model is a DVC artifact."""
 import ast
 import re
-import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,8 +15,6 @@ from dvcrepo import (
     run,
     set_params,
     stages_run,
-    start,
-    stop_after_first_epoch,
 )
 
 from stages import download, evaluate, plot, stats, train
@@ -188,14 +185,6 @@ def test_changing_where_the_run_executes_reruns_nothing(repo):
     set_params(repo, system__master_port=29999, system__master_addr="10.0.0.1", system__compile=True)
     assert "up to date" in dvc(repo, "status")
     assert stages_run(dvc(repo, "repro")) == set()
-
-
-def test_an_interrupted_run_still_resumes_after_the_system_section_changed(repo):
-    code, _, _ = stop_after_first_epoch(repo, start(repo, sys.executable, "-m", "stages.train"), signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    set_params(repo, system__master_port=29999)
-    output = run(repo, sys.executable, "-m", "stages.train")
-    assert re.search(r"resuming from models/checkpoint.pt after epoch [12]/3", output), output
 
 
 @pytest.mark.parametrize("key, value", [("train__nproc", 2), ("train__nnodes", 2), ("train__precision", "bf16"),

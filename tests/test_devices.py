@@ -1,0 +1,139 @@
+"""One GPU per concurrent run, without GPUs: concurrent processes claim 4 simulated GPUs (their ids) through
+the real locks in a folder of their own, and the device setting is resolved with CUDA's answers
+monkeypatched."""
+import multiprocessing
+import os
+import signal
+
+import pytest
+import torch
+
+from stages.devices import choose_device, claim_gpus, launch_environment, visible_gpus
+from stages.workspace import UserError
+
+GPUS = ["0", "1", "2", "3"]
+FORK = multiprocessing.get_context("fork")  # the test's torch is already imported: a fork starts at once
+
+
+def holder(lock_dir, count, pipe):
+    """Claim `count` GPUs, report them, hold them until told to go (or killed)."""
+    claim = claim_gpus(count, GPUS, lock_dir, poll_s=0.05, say=lambda *a, **k: pipe.send("waiting"))
+    pipe.send(claim.gpus)
+    pipe.recv()
+
+
+class Run:
+    """A process holding GPUs, as a concurrently running train stage does."""
+
+    def __init__(self, lock_dir, count=1):
+        self.pipe, child = FORK.Pipe()
+        self.process = FORK.Process(target=holder, args=(lock_dir, count, child), daemon=True)
+        self.process.start()
+
+    def answer(self, timeout=20):
+        """The GPUs it claimed, or 'waiting'; None if it said nothing within `timeout` s."""
+        return self.pipe.recv() if self.pipe.poll(timeout) else None
+
+    def claimed(self, timeout=20):
+        answer = self.answer(timeout)
+        while answer == "waiting":
+            answer = self.answer(timeout)
+        return answer
+
+    def finish(self):
+        self.pipe.send("go")
+        self.process.join(10)
+
+
+def test_two_concurrent_runs_get_different_gpus(tmp_path):
+    runs = [Run(tmp_path) for _ in range(2)]
+    claims = [run.claimed() for run in runs]
+    assert sorted(claims) == [["0"], ["1"]]
+    for run in runs:
+        run.finish()
+
+
+def test_a_fifth_run_on_four_gpus_waits_until_one_is_free(tmp_path):
+    runs = [Run(tmp_path) for _ in range(4)]
+    claims = [run.claimed() for run in runs]
+    assert sorted(gpu for claim in claims for gpu in claim) == GPUS  # four runs, four GPUs, none shared
+    fifth = Run(tmp_path)
+    assert fifth.answer() == "waiting" and fifth.answer(timeout=1) is None  # it says so once, and waits
+    runs[2].finish()  # a run ends: its GPU is free
+    assert fifth.claimed() == claims[2]
+    for run in [*runs[:2], runs[3], fifth]:
+        run.finish()
+
+
+def test_a_killed_runs_gpu_is_free_again(tmp_path):
+    runs = [Run(tmp_path) for _ in range(4)]
+    claims = [run.claimed() for run in runs]
+    waiting = Run(tmp_path)
+    assert waiting.answer() == "waiting"
+    os.kill(runs[1].process.pid, signal.SIGKILL)  # no chance to clean up: the kernel drops its lock
+    assert waiting.claimed() == claims[1]
+    for run in [runs[0], *runs[2:], waiting]:
+        run.finish()
+
+
+def test_a_two_process_run_claims_two_gpus_and_waits_for_two(tmp_path):
+    pair = Run(tmp_path, count=2)
+    assert pair.claimed() == ["0", "1"]
+    single = Run(tmp_path)
+    assert single.claimed() == ["2"]
+    second_pair = Run(tmp_path, count=2)
+    assert second_pair.answer() == "waiting"  # only GPU 3 is free; it holds none while it waits
+    third = Run(tmp_path)
+    assert third.claimed() == ["3"]
+    pair.finish()
+    assert second_pair.claimed() == ["0", "1"]
+    for run in [single, second_pair, third]:
+        run.finish()
+
+
+def test_more_gpus_than_visible_is_an_error(tmp_path):
+    with pytest.raises(UserError, match=r"5 GPU\(s\) needed \(train.nproc\) but 4 visible: 0, 1, 2, 3"):
+        claim_gpus(5, GPUS, tmp_path)
+
+
+@pytest.fixture
+def four_gpus(monkeypatch, tmp_path):
+    """CUDA answering as a machine with 4 GPUs would; the locks in a folder of the test's own."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return tmp_path
+
+
+def test_the_device_setting(four_gpus, monkeypatch):
+    assert choose_device("cpu") == (torch.device("cpu"), None)
+    assert choose_device("cuda:2") == (torch.device("cuda", 2), None)
+    with pytest.raises(UserError, match=r"system.device = 'cuda:4': 4 GPU\(s\) visible \(0 to 3\)"):
+        choose_device("cuda:4")
+    first, claim = choose_device("auto", lock_dir=four_gpus)
+    second, other = choose_device("cuda", lock_dir=four_gpus)  # the same process: a lock is per open file
+    assert (first, claim.gpus, second, other.gpus) == (torch.device("cuda", 0), ["0"], torch.device("cuda", 1), ["1"])
+    pair = choose_device("auto", count=2, lock_dir=four_gpus)[1]
+    assert pair.gpus == ["2", "3"] and launch_environment(pair) == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    for held in (claim, other, pair):
+        held.release()
+    assert choose_device("auto", lock_dir=four_gpus)[1].gpus == ["0"]  # released: free again
+
+
+def test_cuda_visible_devices_limits_the_choice(four_gpus, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # CUDA shows those two, as cuda:0 and cuda:1
+    assert visible_gpus() == ["3", "1"]
+    busy = claim_gpus(1, ["3"], four_gpus)  # another run holds GPU 3
+    device, claim = choose_device("auto", lock_dir=four_gpus)
+    assert device == torch.device("cuda", 1) and claim.gpus == ["1"]  # GPU 1 is this process's cuda:1
+    busy.release()
+    claim.release()
+
+
+def test_without_a_gpu_auto_is_the_cpu_and_cuda_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert choose_device("auto") == (torch.device("cpu"), None)
+    with pytest.raises(UserError, match="system.device = 'cuda' but PyTorch sees no CUDA GPU"):
+        choose_device("cuda")
