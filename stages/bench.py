@@ -32,7 +32,7 @@ from . import training
 from .distributed import Context
 from .model import ResNet
 from .params import PARAMS_FILE, Recipe, System, load_params
-from .precision import autocast, resolve_precision
+from .precision import DTYPES, autocast, resolve_precision
 from .training import PAD, make_scheduler, pick_device, prepare_model
 from .workspace import run
 
@@ -163,8 +163,7 @@ def matmul_flops_per_s(device, precision, reps=5):
     """The device's dense matrix-product rate in `precision` (FLOP/s), measured here: square products large
     enough to be compute-bound (8192 on a GPU, 2048 on a CPU), the best of `reps`."""
     n = 8192 if device.type == "cuda" else 2048
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a, b = (torch.randn(n, n, device=device).to(DTYPES.get(precision, torch.float32)) for _ in range(2))
     a @ b  # warm up (cuBLAS/oneDNN pick their kernels)
     return 2 * n ** 3 / min(timed(device, lambda: a @ b) for _ in range(reps))
 
