@@ -8,13 +8,13 @@ a `cache: false` one its absence after `dvc pull` into a fresh clone would make 
 import hashlib
 import json
 import signal
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .imports import code_of
 from .workspace import BATCHES_DIR, STATS_FILE, UserError, atomic_path
 
 CHECKPOINT_FILE = Path("models/checkpoint.pt")
@@ -37,21 +37,14 @@ class Progress:
         return f"after epoch {self.finished}/{self.epochs}; {resume}"
 
 
-def loaded_code():
-    """The files of this package's modules that are loaded: the code that trains. (The stage script runs as
-    __main__, so modules are found by their folder, not by their name.)"""
-    here = Path(__file__).resolve().parent
-    return sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
-                   if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent == here})
-
-
 def fingerprint(params, device):
     """What a checkpoint must share with this run to be resumed: the model and train params (not `system`:
     it never changes what is computed), the device type (RNG states differ between CPU and CUDA), the data
-    (the batch files and data/stats.json, by content) and the code that trains (loaded_code)."""
+    (the batch files and data/stats.json, by content) and the code that trains: the train stage's modules,
+    by content (found by reading its imports, so the same in any process that calls this)."""
     digest = hashlib.sha256(json.dumps({"model": dict(params["model"]), "train": dict(params["train"]),
                                         "device": device.type}, sort_keys=True).encode())
-    for path in [*sorted(Path(BATCHES_DIR).iterdir()), Path(STATS_FILE), *loaded_code()]:
+    for path in [*sorted(Path(BATCHES_DIR).iterdir()), Path(STATS_FILE), *code_of("train")]:
         digest.update(path.name.encode())
         with open(path, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())

@@ -1,36 +1,27 @@
 """The study's comparisons as DVC experiments: the sweep queues variants, DVC's queue runs them, and the
-comparison reads them back through DVC's Python API. Two tiny variants on the synthetic archive, swept once
-(conftest's `swept`); the tests that change a repository change their own copy."""
-import importlib
+comparison reads them back through DVC's Python API. Two tiny variants on top of the trained baseline, on the
+synthetic archive, swept once (conftest's `swept`); the tests that change a repository change their own copy."""
+import json
 
 import pytest
 from dvc.api import exp_show
-from dvcrepo import assert_curves_overlaid, copy_repo, dvc, module, queue_rows, queue_states, run
+from dvcrepo import assert_curves_overlaid, copy_repo, dvc, module, queue_rows, run, stages_run
 
 from stages.compare import experiments, markdown_table
 from stages.model import ResNet, count_parameters
-from stages.sweep import VARIANTS, queue_commands
-from stages.workspace import run as run_stage
+from stages.sweep import VARIANTS, command_line, planned
 
-PARAMS = {"final": 79186, "blocks-1111": 78002}  # [2,1,1,1] and [1,1,1,1] x [8,16,32,64]
+PARAMS = {"wd-5e-4": 79186, "blocks-1111": 78002}  # [2,1,1,1] and [1,1,1,1] x [8,16,32,64]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-def call(monkeypatch, capsys):
-    """`python -m stages.<name> args` in repo, run in this process through the same entry point (workspace.run
-    around main): (exit status, stdout + stderr). The subprocess itself is tested once per module below."""
+def call(stage):
+    """conftest's stage runner -> (exit status, stdout + stderr). The subprocess itself is tested once per
+    module below."""
     def call_module(repo, name, *args):
-        main = importlib.import_module(f"stages.{name}").main
-        monkeypatch.chdir(repo)
-        capsys.readouterr()
-        try:
-            run_stage(main, list(args))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        captured = capsys.readouterr()
-        return code, captured.out + captured.err
+        ran = stage(repo, name, *args)
+        return ran.code, ran.output
     return call_module
 
 
@@ -51,11 +42,14 @@ def test_the_study_variants_fit_the_budget_and_the_small_one_is_under_a_million(
 
 
 def test_a_sweep_command_sets_the_compared_keys_then_the_overrides():
-    (command,) = queue_commands(["blocks-6543"], width_divisor=4, overrides=["train.epochs=5"], prefix="cpu-")
-    assert command == ["dvc", "exp", "run", "--queue", "-n", "cpu-blocks-6543", "-S", "model.blocks=[6,5,4,3]",
-                       "-S", "model.widths=[8,16,32,64]", "-S", "train.weight_decay=0.0001", "-S", "train.epochs=5"]
-    (command,) = queue_commands(["wd-1e-6"], overrides=["train.weight_decay=3e-4"])
-    assert command.count("-S") == 3 and "train.weight_decay=3e-4" in command
+    (experiment,) = planned(["blocks-6543"], width_divisor=4, overrides=["train.epochs=5"], prefix="cpu-")
+    assert experiment == ("cpu-blocks-6543", {"model.blocks": "[6,5,4,3]", "model.widths": "[8,16,32,64]",
+                                              "train.weight_decay": "0.0001", "train.epochs": "5"})
+    assert command_line(*experiment, force=True) == (
+        "dvc exp run --queue -n cpu-blocks-6543 --force -S 'model.blocks=[6,5,4,3]' -S 'model.widths=[8,16,32,64]' "
+        "-S train.weight_decay=0.0001 -S train.epochs=5")
+    ((_, params),) = planned(["wd-1e-6"], overrides=["train.weight_decay=3e-4"])
+    assert len(params) == 3 and params["train.weight_decay"] == "3e-4"
 
 
 @pytest.mark.parametrize("args, phrase", [
@@ -95,24 +89,38 @@ def test_compare_without_experiments_says_how_to_get_some(fresh, tmp_path):
 
 def test_the_sweep_queues_two_tiny_experiments_and_the_queue_runs_them_at_once_each_correctly(swept, trained_repo):
     assert swept.code == 0 and "queued 2 experiment(s)" in swept.output, swept.output
-    assert swept.queued == {"final": "Queued", "blocks-1111": "Queued"}
+    assert swept.queued == {"wd-5e-4": "Queued", "blocks-1111": "Queued"}
     assert "Started '2' new experiments task queue workers" in swept.started
-    assert swept.finished == {"final": "Success", "blocks-1111": "Success"}
-    # final, trained in its own temporary copy beside blocks-1111, decided exactly what `dvc repro` of the same
-    # params did: the same seed gives the same metrics, curves and model.pt, bit for bit. (blocks-1111 is
-    # checked the same way against a direct run by test_reliability's SIGINT test.)
-    final, shallow = swept.results["final"], swept.results["blocks-1111"]
-    assert final == trained_repo.results
-    assert shallow["metrics"] != final["metrics"] and shallow["model"] != final["model"]
+    assert swept.finished == {"wd-5e-4": "Success", "blocks-1111": "Success"}
+    # each trained in its own temporary copy beside the other, and decided something of its own; blocks-1111
+    # is checked bit for bit against a direct run of its params by test_reliability's SIGINT test
+    decay, shallow, baseline = swept.results["wd-5e-4"], swept.results["blocks-1111"], trained_repo.results
+    assert len({decay["model"], shallow["model"], baseline["model"]}) == 3
+    assert shallow["metrics"] != decay["metrics"]
+
+
+def test_an_experiment_on_weight_decay_reruns_train_evaluate_and_plot_and_changes_the_result(swept, trained_repo):
+    repo = swept.repo
+    assert stages_run(dvc(repo, "queue", "logs", "wd-5e-4")) == {"train", "evaluate", "plot"}  # never the data's
+    after, before = swept.results["wd-5e-4"]["metrics"], trained_repo.results["metrics"]
+    assert after["train"]["loss"] != before["train"]["loss"] and after["val"] != before["val"]
+    # dvc metrics diff and dvc plots diff compare it with the baseline
+    diff = json.loads(dvc(repo, "metrics", "diff", "HEAD", "wd-5e-4", "--json"))
+    assert set(diff["metrics/evaluate/metrics.json"]) <= {"accuracy", "loss"} and diff["metrics/evaluate/metrics.json"]
+    assert "params" not in diff.get("metrics/train/run.json", {})  # the same model: the same parameter count
+    shown = dvc(repo, "metrics", "show")
+    assert "metrics/train/run.json" in shown and "metrics/evaluate/metrics.json" in shown
+    assert_curves_overlaid(repo, "HEAD", "wd-5e-4")  # both revisions' curves overlay in one plot
 
 
 def test_sweep_dry_run_prints_the_seven_commands_and_queues_nothing(fresh, call):
     code, output = call(fresh, "sweep", "--dry-run")
     lines = output.strip().splitlines()
     assert code == 0 and len(lines) == 7, output
-    for line, command in zip(lines, queue_commands(list(VARIANTS))):
-        assert line == " ".join(f"'{c}'" if "[" in c else c for c in command)
-    assert queue_states(fresh) == {}
+    assert lines == [command_line(name, params) for name, params in planned(list(VARIANTS))]
+    assert lines[0] == ("dvc exp run --queue -n final -S 'model.blocks=[2,1,1,1]' -S 'model.widths=[64,128,256,512]' "
+                        "-S train.weight_decay=0.0001")
+    assert run(fresh, "git", "for-each-ref", "refs/exps") == ""  # no queue entry (a stash commit there)
 
 
 def test_the_default_sweep_queues_the_seven_variants_with_their_exact_params(fresh, call):
@@ -132,42 +140,45 @@ def test_the_default_sweep_queues_the_seven_variants_with_their_exact_params(fre
 
 def test_a_name_is_one_experiment_per_commit_and_force_queues_its_replacement(swept, call, tmp_path):
     repo = copy_repo(swept.repo, tmp_path / "repo")
-    code, output = call(repo, "sweep", "--only", "final")
-    assert code == 1 and "error: queueing final failed: " in output and "conflicts with existing experiment" in output
-    code, output = call(repo, "sweep", "--only", "final", "--force", "--width-divisor", "8")
+    code, output = call(repo, "sweep", "--only", "wd-5e-4")
+    assert code == 1 and "error: queueing wd-5e-4 failed: " in output, output
+    assert "conflicts with existing experiment" in output
+    code, output = call(repo, "sweep", "--only", "wd-5e-4", "--force", "--width-divisor", "8")
     assert code == 0 and "queued 1 experiment(s)" in output and " --force " in output, output
-    assert sorted(queue_rows(repo)) == [("blocks-1111", "Success"), ("final", "Queued"), ("final", "Success")]
+    assert sorted(queue_rows(repo)) == [("blocks-1111", "Success"), ("wd-5e-4", "Queued"), ("wd-5e-4", "Success")]
     # DVC took it: once run, it replaces the experiment of that name
 
 
 def test_exp_show_lists_both_with_their_metrics(swept):
     rows = {row["Experiment"]: row for row in exp_show(repo=str(swept.repo)) if row["Experiment"]}
-    assert set(rows) == {"final", "blocks-1111"}
+    assert set(rows) == {"wd-5e-4", "blocks-1111"}
     for name, row in rows.items():
         assert row["params"] == PARAMS[name] and row["train.epochs"] == 3
         assert row["accuracy"] > 0.3, f"{name}: test accuracy {row['accuracy']}, chance is 0.1"
         assert row["wall_time_s"] > 0 and row["images_per_s"] > 0
-    assert rows["blocks-1111"]["model.blocks"] == "[1, 1, 1, 1]" and rows["final"]["model.blocks"] == "[2, 1, 1, 1]"
+    assert rows["blocks-1111"]["model.blocks"] == "[1, 1, 1, 1]" and rows["wd-5e-4"]["model.blocks"] == "[2, 1, 1, 1]"
+    assert rows["wd-5e-4"]["train.weight_decay"] == 5e-4 and rows["blocks-1111"]["train.weight_decay"] == 1e-4
 
 
 def test_compare_draws_accuracy_against_size_and_the_curves_and_tabulates_best_first(swept, call, tmp_path):
     repo = swept.repo
     out = tmp_path / "report"
-    code, output = call(repo, "compare", "--out", str(out), "--curves", "blocks-1111", "final")
-    assert code == 0 and "compared 2 experiment(s)" in output, output
+    code, output = call(repo, "compare", "--out", str(out), "--curves", "blocks-1111", "wd-5e-4")
+    assert code == 0 and "compared 3 experiment(s)" in output, output  # the baseline commit and both
     for name in ["accuracy_vs_params.png", "val_acc.png"]:
         assert (out / name).read_bytes().startswith(PNG), name
     table = (out / "experiments.md").read_text().splitlines()
-    assert table[0].startswith("| experiment | rev | blocks | widths |") and len(table) == 4
+    assert table[0].startswith("| experiment | rev | blocks | widths |") and len(table) == 5
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table[2:]}
-    assert rows["final"][6] == "79,186" and rows["blocks-1111"][6] == "78,002", table
+    assert rows["wd-5e-4"][6] == "79,186" and rows["blocks-1111"][6] == "78,002", table
+    assert rows["wd-5e-4"][4] == "0.0005" and rows["blocks-1111"][4] == "0.0001", table
     accuracies = [float(line.split(" | ")[7].rstrip("%")) for line in table[2:]]
     assert accuracies == sorted(accuracies, reverse=True), table  # best test accuracy first
-    shown = {row["Experiment"]: row["accuracy"] for row in exp_show(repo=str(repo)) if row["Experiment"]}
-    assert accuracies == [round(100 * a, 2) for a in sorted(shown.values(), reverse=True)]
+    shown = [row["accuracy"] for row in exp_show(repo=str(repo)) if row["rev"] != "workspace"]
+    assert accuracies == [round(100 * a, 2) for a in sorted(shown, reverse=True)]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
-    code, output = call(repo, "compare", "--curves", "final", "nope")
+    code, output = call(repo, "compare", "--curves", "wd-5e-4", "nope")
     assert code == 1 and "error: --curves: no experiment with results named nope" in output
 
 
@@ -177,10 +188,10 @@ def test_compare_n_takes_the_experiments_of_earlier_commits(swept, call, tmp_pat
     run(repo, "git", "add", "notes.txt")
     run(repo, "git", "commit", "-qm", "a later commit, without experiments")
     code, output = call(repo, "compare", "--out", str(tmp_path / "one"))
-    assert code == 1 and "no experiment with results yet" in output, output
+    assert code == 0 and "compared 1 experiment(s)" in output, output  # the new commit's own results alone
     code, output = call(repo, "compare", "-n", "2", "--out", str(tmp_path / "two"))
-    assert code == 0 and "compared 2 experiment(s)" in output, output
+    assert code == 0 and "compared 4 experiment(s)" in output, output  # both commits, the 2 experiments
 
 
 def test_plots_diff_overlays_two_experiments(swept):
-    assert_curves_overlaid(swept.repo, "final", "blocks-1111")
+    assert_curves_overlaid(swept.repo, "wd-5e-4", "blocks-1111")

@@ -165,7 +165,7 @@ def test_plots_show_page_draws_every_chart_offline(browser, repo, tmp_path):
 
 
 def test_plots_diff_page_of_two_experiments_draws_every_chart_offline(browser, swept, tmp_path):
-    dvc(swept.repo, "plots", "diff", "final", "blocks-1111", "-o", str(tmp_path / "diff"))
+    dvc(swept.repo, "plots", "diff", "wd-5e-4", "blocks-1111", "-o", str(tmp_path / "diff"))
     check_page(browser, tmp_path / "diff" / "index.html", ARTIFACTS / "plots_diff.png", revisions=2)
 
 

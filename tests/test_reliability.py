@@ -3,6 +3,7 @@ result; a stale checkpoint is ignored; `dvc push`/`dvc pull` restore every outpu
 works on its own copy of the data repository and compares with uninterrupted runs of the same params that
 conftest's fixtures make (trained_repo's `dvc repro`, and the sweep's blocks-1111, queued), so none depends
 on another having run."""
+import os
 import shutil
 import signal
 import sys
@@ -15,13 +16,15 @@ from dvcrepo import (
     copy_repo,
     dvc,
     finished_epochs,
-    run,
     set_params,
     stages_run,
     start,
     stop_after_first_epoch,
     training_results,
 )
+
+from stages import train
+from stages.training import train_epoch
 
 EPOCHS = 3  # the test repositories' train.epochs
 
@@ -54,33 +57,49 @@ def test_dvc_repro_killed_mid_training_resumes_to_the_same_result(repo, trained_
     assert not (repo / CHECKPOINT).exists()
 
 
-def stop_training_directly(repo, signum):
-    """Run the train stage directly and stop it with `signum` once an epoch is saved; returns the finished
-    epochs, after checking that it stopped at once: within the epoch the signal hit, saving nothing more."""
-    code, stderr, epoch = stop_after_first_epoch(repo, start(repo, sys.executable, "-m", "stages.train"), signum)
+def assert_stopped_at_once(repo, code, stderr, signum, epoch):
+    """Stopped within the epoch the signal hit, saving nothing more: the exit status and the last line say
+    so, the checkpoint holds the epoch before, and there is no model."""
     last = stderr.strip().splitlines()[-1]
     assert code == 128 + signum and "Traceback" not in stderr, stderr
     assert finished_epochs(repo) == epoch < EPOCHS, f"signalled after epoch {epoch}, saved {finished_epochs(repo)}"
     assert last == (f"error: training stopped by {signal.Signals(signum).name} after epoch {epoch}/{EPOCHS}; "
                     "models/checkpoint.pt holds it: rerun to resume"), stderr
     assert not (repo / "models/model.pt").exists()
-    return epoch
 
 
-def test_sigterm_stops_at_once_after_saving_and_a_rerun_resumes_even_on_another_port(repo, trained_repo):
-    epochs = stop_training_directly(repo, signal.SIGTERM)
-    set_params(repo, system__master_port=29999)  # where the run executes is not part of what it computes
-    output = run(repo, sys.executable, "-m", "stages.train")
-    assert f"resuming from models/checkpoint.pt after epoch {epochs}/{EPOCHS}" in output
+def test_sigterm_stops_at_once_after_saving_and_a_rerun_resumes_even_on_another_port(repo, trained_repo, stage):
+    """The train stage as its own process, signalled from outside as a scheduler or `kill` would; the rerun
+    runs in this process (the same entry point and code: the checkpoint belongs to it)."""
+    code, stderr, epoch = stop_after_first_epoch(repo, start(repo, sys.executable, "-m", "stages.train"),
+                                                 signal.SIGTERM)
+    assert_stopped_at_once(repo, code, stderr, signal.SIGTERM, epoch)
+    # where the run executes is not part of what it computes (device: the CPU, as for the process above)
+    set_params(repo, system__master_port=29999, system__device="cpu")
+    ran = stage(repo, "train")
+    assert ran.code == 0 and f"resuming from models/checkpoint.pt after epoch {epoch}/{EPOCHS}" in ran.output
     assert training_results(repo) == without_evaluation(trained_repo.results)
 
 
-def test_sigint_stops_at_once_and_a_checkpoint_of_other_params_is_ignored(repo, swept):
-    stop_training_directly(repo, signal.SIGINT)
+def test_sigint_mid_epoch_stops_at_once_and_a_checkpoint_of_other_params_is_ignored(repo, swept, stage,
+                                                                                    monkeypatch):
+    """In this process, with Ctrl-C (SIGINT) raised by the first training step of epoch 2 (the SIGTERM test
+    signals a real process from outside); then a run of other params finds that checkpoint."""
+    set_params(repo, system__device="cpu")
+
+    def epoch_with_sigint(trainer, data, recipe, context, desc):
+        if desc.startswith("epoch 2/"):
+            trainer.step_model.register_forward_hook(lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        return train_epoch(trainer, data, recipe, context, desc)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "train_epoch", epoch_with_sigint)
+        ran = stage(repo, "train")
+    assert_stopped_at_once(repo, ran.code, ran.err, signal.SIGINT, 1)
     set_params(repo, model__blocks=[1, 1, 1, 1])
-    output = run(repo, sys.executable, "-m", "stages.train")
-    assert "models/checkpoint.pt: from other params, data or code; starting afresh" in output
-    assert "resuming" not in output and not (repo / CHECKPOINT).exists()
+    ran = stage(repo, "train")
+    assert ran.code == 0 and "models/checkpoint.pt: from other params, data or code; starting afresh" in ran.output
+    assert "resuming" not in ran.output and not (repo / CHECKPOINT).exists()
     # exactly what the uninterrupted [1, 1, 1, 1] run decided (the sweep's blocks-1111, run by DVC's queue beside
     # another experiment), not a mix with the other model's checkpoint
     assert training_results(repo) == without_evaluation(swept.results["blocks-1111"])

@@ -1,13 +1,14 @@
 """The resumable checkpoint's fingerprint: what makes a checkpoint belong to a run, and what does not."""
 import copy
+import importlib
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from stages import resume, training
-from stages.resume import fingerprint, loaded_code
+from stages import resume
+from stages.resume import fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -17,7 +18,7 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def run_folder(tmp_path, monkeypatch):
     """A folder holding what the fingerprint reads: two batch files, data/stats.json, and (standing in for
-    the package's loaded modules) two code files."""
+    the train stage's modules) two code files."""
     batches = tmp_path / "data/cifar-10-batches-py"
     batches.mkdir(parents=True)
     (batches / "data_batch_1").write_bytes(b"batch one")
@@ -27,7 +28,7 @@ def run_folder(tmp_path, monkeypatch):
     for path in code:
         path.write_text(f"# {path.name}\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(resume, "loaded_code", lambda: code)
+    monkeypatch.setattr(resume, "code_of", lambda module: code if module == "train" else [])
     return tmp_path
 
 
@@ -67,7 +68,12 @@ def test_the_fingerprint_ignores_the_system_section_and_is_stable(run_folder):
     assert fingerprint(PARAMS, torch.device("cuda", 1)) == fingerprint(PARAMS, torch.device("cuda", 0))
 
 
-def test_the_code_is_every_loaded_module_of_the_package():
-    code = loaded_code()
-    assert Path(resume.__file__).resolve() in code and Path(training.__file__).resolve() in code
-    assert all(path.parent == REPO / "stages" for path in code)
+def test_the_code_is_the_train_stages_modules_whichever_are_loaded():
+    """Read from the imports, not from what this process happens to have loaded: a run resumed in another
+    process (or in this one, after importing other stages) finds the same code."""
+    importlib.import_module("stages.compare")  # loaded here, but not the train stage's code
+
+    names = {path.name for path in resume.code_of("train")}
+    assert {"__init__.py", "train.py", "training.py", "resume.py", "imports.py", "model.py"} <= names
+    assert not names & {"compare.py", "sweep.py", "bench.py", "evaluate.py", "plot.py"}
+    assert all(path.parent == REPO / "stages" for path in resume.code_of("train"))

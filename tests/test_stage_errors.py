@@ -4,7 +4,6 @@ Each stage runs once as its own process (`python -m stages.X`, as DVC runs it) o
 real exit status and stderr; the other cases call the same entry point (workspace.run around the stage's
 main) in this process, which is what the subprocess would run, without starting Python and torch again."""
 import hashlib
-import importlib
 import os
 import shutil
 import subprocess
@@ -15,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-from stages.workspace import run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,18 +44,11 @@ def stage_processes(workdir, stages):
 
 
 @pytest.fixture
-def run_stage(monkeypatch, capsys):
-    """Run a stage's entry point in this process, in workdir: (exit status, stderr)."""
-    def call(workdir, stage):
-        module = importlib.import_module(f"stages.{stage}")
-        monkeypatch.chdir(workdir)
-        capsys.readouterr()
-        try:
-            run(module.main, *([[]] if stage == "train" else []))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        return code, capsys.readouterr().err.strip()
+def run_stage(stage):
+    """A stage's entry point in this process, in workdir (conftest's runner): (exit status, stderr)."""
+    def call(workdir, name):
+        ran = stage(workdir, name)
+        return ran.code, ran.err.strip()
     return call
 
 

@@ -1,6 +1,5 @@
 """dvc.yaml's wiring: each stage depends on exactly the code it runs and the params it reads, the `system`
 section changes nothing DVC or the checkpoint cares about, and the model is a DVC artifact."""
-import ast
 import re
 import sys
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from dvcrepo import (
     stages_run,
 )
 
-from stages import download, evaluate, plot, stats, train
+from stages import download, evaluate, imports, plot, stats, train
 from stages.params import SCHEMA
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -25,38 +24,11 @@ STAGES = DVC_YAML["stages"]
 PACKAGE = REPO / "stages"
 
 
-# Code: the stage script and every module of stages/ it imports, transitively
-
-def imported_modules(path):
-    """The files of stages/ that the module at `path` imports (relative or absolute imports, at any depth of
-    the code, so imports inside functions count too)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y / from . import x
-            names = [node.module] if node.module else [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("stages."):
-            names = [node.module.removeprefix("stages.")]
-        elif isinstance(node, ast.Import):
-            names = [a.name.removeprefix("stages.") for a in node.names if a.name.startswith("stages.")]
-        else:
-            continue
-        for name in names:
-            module = PACKAGE / f"{name.split('.')[0]}.py"
-            if module.is_file():  # `from . import x` may also name something of __init__.py: there is nothing
-                found.add(module)
-    return found
-
+# Code: the stage script and every module of stages/ it imports, transitively (stages.imports reads them)
 
 def code_of(module_path):
-    """The stage script, the package's __init__.py (run by `python -m stages.x`) and every module they import,
-    transitively, as paths relative to the repository."""
-    seen, todo = set(), [module_path, PACKAGE / "__init__.py"]
-    while todo:
-        path = todo.pop()
-        if path not in seen:
-            seen.add(path)
-            todo.extend(imported_modules(path))
-    return {p.relative_to(REPO).as_posix() for p in seen}
+    """The stage's code as paths relative to the repository."""
+    return {p.relative_to(REPO).as_posix() for p in imports.code_of(module_path.stem)}
 
 
 def stage_module(name):
@@ -77,7 +49,7 @@ def test_each_stage_depends_on_exactly_the_code_it_runs(name):
 def test_the_import_scan_follows_imports_through_other_modules():
     """evaluate reaches distributed.py only through training.py: the scan must follow it there."""
     assert "stages/distributed.py" not in {p.relative_to(REPO).as_posix()
-                                            for p in imported_modules(PACKAGE / "evaluate.py")}
+                                            for p in imports.imported_modules(PACKAGE / "evaluate.py")}
     assert "stages/distributed.py" in code_of(PACKAGE / "evaluate.py")
     assert "stages/augment.py" in code_of(PACKAGE / "evaluate.py")
 
