@@ -1,4 +1,5 @@
-"""The study's augmentation as batched tensor operations on the training device (no per-image PIL pipeline).
+"""The study's augmentation, and the fast trainers' cutout and test-time views, as batched tensor
+operations on the device (no per-image PIL pipeline).
 
 The data set stays uint8 on the device; it is reflect-padded once, and every batch is cropped, flipped
 and normalized there, each image with its own random offsets and flip."""
@@ -14,9 +15,10 @@ def reflect_pad(images, pad):
     return images[:, :, index(images.shape[2])][:, :, :, index(images.shape[3])]
 
 
-def random_crop_flip(padded, size, generator, start=0, drawn=None):
+def random_crop_flip(padded, size, generator, start=0, drawn=None, flip=None):
     """Per image: a random `size` x `size` crop of the padded images [B, C, H, W], then a horizontal flip
-    with probability 0.5 (the study's RandomCrop(32, padding=4, reflect) + RandomHorizontalFlip).
+    with probability 0.5 (the study's RandomCrop(32, padding=4, reflect) + RandomHorizontalFlip), or, given
+    `flip` (bool [B]), where it says.
 
     With `drawn`, the images are [start, start + B) of a batch of `drawn`: the offsets and flips are drawn
     for the whole batch and this part's are used, so a rank of a distributed run crops its images exactly
@@ -26,13 +28,46 @@ def random_crop_flip(padded, size, generator, start=0, drawn=None):
     n, part = drawn or b, slice(start, start + b)
     top = torch.randint(0, h - size + 1, (n, 1, 1, 1), device=device, generator=generator)[part]
     left = torch.randint(0, w - size + 1, (n, 1, 1, 1), device=device, generator=generator)[part]
-    flip = (torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5)[part]
+    if flip is None:
+        flip = (torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5)[part]
+    else:
+        flip = flip.view(b, 1, 1, 1)
     steps = torch.arange(size, device=device)
     rows = top + steps.view(1, 1, size, 1)
     steps = steps.view(1, 1, 1, size)
     cols = left + torch.where(flip, size - 1 - steps, steps)  # a flip reads the columns backwards
     return padded[torch.arange(b, device=device).view(b, 1, 1, 1), torch.arange(c, device=device).view(1, c, 1, 1),
                   rows, cols]
+
+
+def cutout(images, size, generator, start=0, drawn=None):
+    """Cutout (DeVries and Taylor; Page's ResNet-9): per image, a `size` x `size` square at a random
+    position, wholly inside the image, set to zero in every channel. Applied to normalized images, so the
+    square takes the training set's mean colour. `start` and `drawn` as in random_crop_flip."""
+    b, _, h, w = images.shape
+    device = images.device
+    n, part = drawn or b, slice(start, start + b)
+    top = torch.randint(0, h - size + 1, (n, 1, 1), device=device, generator=generator)[part]
+    left = torch.randint(0, w - size + 1, (n, 1, 1), device=device, generator=generator)[part]
+    rows = torch.arange(h, device=device).view(1, h, 1)
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    square = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)  # [B, H, W]
+    return images.masked_fill(square.unsqueeze(1), 0)
+
+
+def tta_views(images, tta):
+    """The test-time views of uint8 images [B, C, H, W] whose logits are averaged: `none`, the images;
+    `flip`, also their mirror images (Page's largest single gain); `flip_translate`, also both shifted by
+    one pixel up-left and down-right (reflect-padded), mirrored or not (airbench): 6 views."""
+    views = [images]
+    if tta in ("flip", "flip_translate"):
+        views.append(images.flip(3))
+    if tta == "flip_translate":
+        h, w = images.shape[2:]
+        padded = reflect_pad(images, 1)
+        shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]  # the content moves down-right, and up-left
+        views += shifted + [view.flip(3) for view in shifted]
+    return views
 
 
 class Normalizer:

@@ -4,13 +4,17 @@ Reads every experiment through DVC's Python API (dvc.api.exp_show for the table,
 experiment's validation curve) and writes, to --out (default reports/):
   experiments.md          one row per experiment with results: shape, weight decay, parameters, accuracy, time
   accuracy_vs_params.png  test accuracy against parameter count, every experiment
-  val_acc.png             the validation-accuracy curves of the chosen experiments (--curves; default all)"""
+  val_acc.png             the validation-accuracy curves of the chosen experiments (--curves; default all)
+and, when the experiments hold an ablation ladder (python -m stages.sweep --ablation):
+  ablation.md             each rung's test accuracy and its gain over the rung before
+  ablation.png            the same as a bar chart (ablation-PREFIX.png for a ladder queued with --prefix)"""
 import argparse
+import re
 from pathlib import Path
 
 import yaml
 
-from .figures import parse_curve, plot_accuracy_vs_params, plot_curves
+from .figures import parse_curve, plot_ablation, plot_accuracy_vs_params, plot_curves
 from .workspace import CURVES_DIR, RUN_METRICS_FILE, TEST_METRICS_FILE, UserError, run, write_text
 
 RUN_METRICS = str(RUN_METRICS_FILE)
@@ -26,6 +30,7 @@ COLUMNS = {
     "epochs": ("params.yaml", "train.epochs"),
     "params": (RUN_METRICS, "params"),
     "accuracy": (TEST_METRICS, "accuracy"),
+    "accuracy_without_tta": (TEST_METRICS, "without_tta.accuracy"),
     "wall_time_s": (RUN_METRICS, "wall_time_s"),
     "images_per_s": (RUN_METRICS, "images_per_s"),
 }
@@ -76,6 +81,57 @@ def markdown_table(records):
     return "\n".join(lines) + "\n"
 
 
+RUNG = re.compile(r"(?P<prefix>.*?)ablation-(?P<index>\d+)-(?P<rung>.+)")  # stages.sweep's ladder names
+
+
+def ablations(records):
+    """{prefix: [rung record, ...] in ladder order} of the experiments named as stages.sweep names the
+    ladder's rungs (PREFIX + ablation-K-TRICK), each with its gain over the rung before it (or, where that
+    one has no results, over the nearest earlier one that has: `gain_over` names it)."""
+    ladders = {}
+    for r in records:
+        match = RUNG.fullmatch(r["name"])
+        if match:
+            ladders.setdefault(match["prefix"], []).append({**r, "index": int(match["index"]), "rung": match["rung"]})
+    for rungs in ladders.values():
+        rungs.sort(key=lambda r: r["index"])
+        for before, r in zip([None] + rungs, rungs):
+            r["gain"] = None if before is None else r["accuracy"] - before["accuracy"]
+            r["gain_over"] = None if before is None else before["index"]
+    return ladders
+
+
+def _gain(r):
+    if r["gain"] is None:
+        return "–"
+    skipped = "" if r["gain_over"] == r["index"] - 1 else f" (over rung {r['gain_over']})"
+    return f"{100 * r['gain']:+.2f}{skipped}"
+
+
+def ablation_table(rungs):
+    header = ["rung", "adds", "experiment", "test accuracy", "gain (points)", "without TTA", "train time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rungs:
+        cells = [str(r["index"]), r["rung"], r["name"], f"{r['accuracy']:.2%}", _gain(r),
+                 _number(r["accuracy_without_tta"], ".2%"),
+                 _number(r["wall_time_s"], ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_ablations(ladders, out_dir):
+    """ablation.md (one section per ladder) and a bar chart per ladder; returns the chart files' names."""
+    sections, charts = [], []
+    for prefix, rungs in sorted(ladders.items()):
+        chart = f"ablation-{prefix.rstrip('-')}.png" if prefix else "ablation.png"
+        plot_ablation(rungs, out_dir / chart)
+        title = f"Ablation{f' {prefix!r}' if prefix else ''}: each rung adds one trick to the one before"
+        sections.append(f"## {title}\n\n{ablation_table(rungs)}\n![ablation]({chart})\n")
+        charts.append(chart)
+    write_text(out_dir / "ablation.md", "\n".join(sections))
+    return charts
+
+
 def read_val_curve(rev):
     import dvc.api
     from dvc.exceptions import DvcException
@@ -118,6 +174,9 @@ def compare(out_dir=OUT_DIR, curves=None, num=1):
     write_text(out_dir / "experiments.md", markdown_table(records))
     plot_accuracy_vs_params(records, out_dir / "accuracy_vs_params.png")
     plot_curves({name: val_acc[name] for name in curves or by_name}, "validation accuracy", out_dir / "val_acc.png")
+    ladders = ablations(records)
+    if ladders:
+        print(f"ablation: wrote {out_dir}/ablation.md, {', '.join(write_ablations(ladders, out_dir))}")
     if pending:
         print(f"left out (no results): {', '.join(pending)}")
     return records

@@ -1,4 +1,5 @@
-"""Matplotlib figures of a training run: curves per epoch, confusion matrix, per-class accuracy."""
+"""Matplotlib figures: of a training run (curves per epoch, confusion matrix, per-class accuracy) and of a
+comparison of experiments (accuracy against size, the ablation ladder)."""
 import csv
 import io
 from pathlib import Path
@@ -113,4 +114,30 @@ def plot_accuracy_vs_params(points, path):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     ax.margins(y=0.1)
+    _save(fig, path)
+
+
+def plot_ablation(rungs, path):
+    """The ablation ladder: the test accuracy of each rung (bars), and above each bar what the rung gained
+    over the one before it (percentage points; red where it lost). `rungs`: dicts with rung, accuracy, gain
+    (None for the first), in ladder order."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rungs)), 4.5))
+    names = [r["rung"] for r in rungs]
+    accuracy = [100 * r["accuracy"] for r in rungs]
+    bars = ax.bar(names, accuracy, color="tab:blue")
+    for bar, r in zip(bars, rungs):
+        label = "" if r["gain"] is None else f"{100 * r['gain']:+.2f}" + (
+            "" if r["gain_over"] == r["index"] - 1 else f" vs {r['gain_over']}")
+        ax.annotate(f"{100 * r['accuracy']:.2f}\n{label}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8,
+                    color="tab:red" if r["gain"] is not None and r["gain"] < 0 else "black")
+    low, high = min(accuracy), max(accuracy)
+    ax.set_ylim(max(0, low - 2 * max(1, high - low)), min(100, high + 0.6 * max(1, high - low)) + 0.5)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("ablation: each rung adds one trick to the one before (above each bar: its accuracy, "
+                 "and its gain in points)", fontsize=9)
+    ax.tick_params(axis="x", rotation=30)
+    for tick in ax.get_xticklabels():
+        tick.set_ha("right")
+    ax.grid(alpha=0.3, axis="y")
     _save(fig, path)

@@ -105,6 +105,16 @@ SCHEMA = {
         "nproc": _int(1),
         "nnodes": _int(1),
         "sync_bn": _bool,
+        "optimizer": _one_of("adam", "sgd"),
+        "momentum": _number(at_least=0, below=1),
+        "nesterov": _bool,
+        "label_smoothing": _number(at_least=0, below=1),
+        "ema_decay": _number(at_least=0, below=1),
+        "cutout": _int(0),
+        "flip": _one_of("random", "alternating"),
+    },
+    "evaluate": {
+        "tta": _one_of("none", "flip", "flip_translate"),
     },
     "system": {
         "device": _device,
@@ -132,6 +142,14 @@ class Recipe:
     nproc: int
     nnodes: int
     sync_bn: bool
+    # The fast trainers' tricks (see README, "Beyond the study"); these defaults switch them off: the study's
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # 0: no EMA of the weights
+    cutout: int = 0  # side of the square zeroed per image; 0: none
+    flip: str = "random"  # random | alternating
 
     @classmethod
     def from_params(cls, params):
@@ -186,6 +204,12 @@ def check_params(params, source=PARAMS_FILE):
             "(one entry per stage)"
         )
     train = params["train"]
+    if train["cutout"] >= 32:
+        raise UserError(f"{source}: train.cutout = {train['cutout']} must be smaller than the 32-pixel image "
+                        "(0 switches cutout off)")
+    if train["optimizer"] == "sgd" and train["nesterov"] and train["momentum"] == 0:
+        raise UserError(f"{source}: train.nesterov = true needs train.momentum > 0 (Nesterov momentum is a "
+                        "kind of momentum); set train.nesterov: false for plain SGD")
     processes = train["nproc"] * train["nnodes"]
     if train["batch_size"] < processes:
         raise UserError(

@@ -57,6 +57,7 @@ def save_checkpoint(path, run_fingerprint, progress, trainer):
         "fingerprint": run_fingerprint, "progress": asdict(progress),
         "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None, "flips": trainer.flips,
         "rng": {"generator": trainer.generator.get_state(), "cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
@@ -83,6 +84,9 @@ def load_checkpoint(path, run_fingerprint, trainer):
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(state["ema"])
+    trainer.flips = None if state["flips"] is None else state["flips"].to(trainer.generator.device)
     trainer.generator.set_state(state["rng"]["generator"])
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"]:

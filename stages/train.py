@@ -103,8 +103,8 @@ def train(params, recipe, system, model, stats, classes, device, claim):
     # The run's metrics and the model
     if context.is_main:
         write_json(RUN_METRICS_FILE, run_metrics(progress, num_params, len(data.labels)))
-        # the unwrapped model: the same state_dict keys as on one process
-        save_model(MODEL_FILE, trainer.model, stats, classes, recipe.precision)
+        # the unwrapped model (the same state_dict keys as on one process), or its EMA when on
+        save_model(MODEL_FILE, trainer.result, stats, classes, recipe.precision)
         CHECKPOINT_FILE.unlink(missing_ok=True)  # done: a later forced rerun trains afresh
     print(f"final val acc {progress.history[-1]['val/acc']:.4f}, best {progress.best_val_acc:.4f}, "
           f"{progress.wall_seconds:.0f} s; saved {MODEL_FILE}")

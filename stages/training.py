@@ -6,9 +6,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from .augment import Normalizer, random_crop_flip, reflect_pad
+from .augment import Normalizer, cutout, random_crop_flip, reflect_pad, tta_views
 from .distributed import Context, all_sum, broadcast_buffers, shard, wrap
 from .precision import autocast, make_scaler
 
@@ -50,6 +51,13 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (passing through) in bf16 and fp32
     generator: torch.Generator  # the order and the augmentation: seeded, saved in the checkpoint
+    ema: AveragedModel | None = None  # train.ema_decay > 0: the moving average of the weights and buffers
+    flips: torch.Tensor | None = None  # train.flip alternating: each image's flip in the last epoch (None before)
+
+    @property
+    def result(self):
+        """The model the run produces, which validation scores and the stage saves: the EMA when on."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def make_trainer(model, recipe, context, compile, num_images):
@@ -62,7 +70,11 @@ def make_trainer(model, recipe, context, compile, num_images):
     scaler = make_scaler(context.device, recipe.precision)
     generator = torch.Generator(context.device).manual_seed(recipe.seed)
     eval_model = step_model if context.world_size == 1 else model
-    return Trainer(model, step_model, eval_model, optimizer, scheduler, scaler, generator)
+    # EMA (airbench, Page's ResNet-9): validate and keep an average of the recent weights, smoother than the
+    # last step's. use_buffers: the BatchNorm statistics are averaged alike, so they fit the averaged weights.
+    ema = None if not recipe.ema_decay else AveragedModel(
+        model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+    return Trainer(model, step_model, eval_model, optimizer, scheduler, scaler, generator, ema)
 
 
 def prepare_model(model, device, compile, context=None, sync_bn=False):
@@ -74,18 +86,37 @@ def prepare_model(model, device, compile, context=None, sync_bn=False):
 
 
 def make_optimizer(model, recipe):
-    """Adam with L2 weight decay, as in the study; CUDA's fused kernel updates all parameters at once."""
+    """Adam with L2 weight decay, as in the study, or (train.optimizer: sgd) SGD with momentum, Nesterov's by
+    default, as the fastest CIFAR-10 trainers use, with the same L2 weight decay; CUDA's fused kernels update
+    all parameters at once."""
     fused = next(model.parameters()).device.type == "cuda"
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=recipe.max_lr, momentum=recipe.momentum,
+                               nesterov=recipe.nesterov, weight_decay=recipe.weight_decay, fused=fused)
     return torch.optim.Adam(model.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay, fused=fused)
 
 
 def make_scheduler(optimizer, recipe, steps_per_epoch):
     """OneCycle, stepped every batch: warm up to max_lr over warmup_fraction of the steps, then cosine-anneal
-    towards zero."""
+    towards zero. With Adam it also cycles beta1 between 0.95 and 0.85 (OneCycleLR's default, the study's
+    recipe); SGD keeps train.momentum as set."""
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=recipe.max_lr, total_steps=recipe.epochs * steps_per_epoch,
-        pct_start=recipe.warmup_fraction,
+        pct_start=recipe.warmup_fraction, cycle_momentum=recipe.optimizer == "adam",
     )
+
+
+def epoch_flips(trainer, recipe, num_images, device):
+    """train.flip alternating (airbench): every image's flip for this epoch, the opposite of its last one
+    (drawn at random, p = 0.5, in the first epoch), so that over any two epochs each image is seen both
+    ways; None for the study's random flips, which random_crop_flip draws per batch."""
+    if recipe.flip != "alternating":
+        return None
+    if trainer.flips is None:
+        trainer.flips = torch.rand(num_images, device=device, generator=trainer.generator) < 0.5
+    else:
+        trainer.flips = ~trainer.flips
+    return trainer.flips
 
 
 def steps_per_epoch(num_images, batch_size):
@@ -105,17 +136,24 @@ def train_epoch(trainer, data, recipe, context, desc="train"):
     model, optimizer, scaler, generator = trainer.step_model, trainer.optimizer, trainer.scaler, trainer.generator
     model.train()
     device, labels = data.padded.device, data.labels
+    flips = epoch_flips(trainer, recipe, len(labels), device)
     order = torch.randperm(len(labels), device=device, generator=generator)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for batch in tqdm(order.split(recipe.batch_size), desc=desc, leave=False, unit="batch",
                       disable=not context.is_main):
         part = shard(len(batch), context.rank, context.world_size)
-        x = data.normalize(random_crop_flip(data.padded[batch[part]], CROP_SIZE, generator, part.start, len(batch)))
-        y = labels[batch[part]]
+        mine = batch[part]
+        x = data.normalize(random_crop_flip(data.padded[mine], CROP_SIZE, generator, part.start, len(batch),
+                                            None if flips is None else flips[mine]))
+        if recipe.cutout:
+            x = cutout(x, recipe.cutout, generator, part.start, len(batch))
+        y = labels[mine]
         with autocast(device, recipe.precision):
             logits = model(x)
-            summed = F.cross_entropy(logits, y, reduction="sum")
+            # label smoothing (Page's ResNet-9, airbench): the target is 1 - e on the label and e spread over
+            # all classes, so the logits stop growing once they separate the classes
+            summed = F.cross_entropy(logits, y, reduction="sum", label_smoothing=recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(summed * (context.world_size / len(batch))).backward()
         if recipe.grad_clip:  # after backward's all-reduce: the same averaged gradients on every rank
@@ -124,6 +162,8 @@ def train_epoch(trainer, data, recipe, context, desc="train"):
         scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale shrinks
         scaler.update()
         trainer.scheduler.step()
+        if trainer.ema is not None:
+            trainer.ema.update_parameters(trainer.model)
         loss_sum += summed.detach()
         correct += (logits.argmax(1) == y).sum()
     if context.world_size > 1:
@@ -132,9 +172,12 @@ def train_epoch(trainer, data, recipe, context, desc="train"):
 
 
 def validation_scores(trainer, data, recipe, context):
-    """(mean loss, accuracy) of the model on the whole test set. On several ranks, every rank takes rank 0's
-    buffers (the model rank 0 saves), scores its own shard of the set, and the sums are all-reduced."""
-    model, images, labels = trainer.eval_model, data.test_images, data.test_labels
+    """(mean loss, accuracy) of the run's model (trainer.result) on the whole test set, without test-time
+    augmentation (cheap, and the curves stay comparable across evaluate.tta). On several ranks, every rank
+    takes rank 0's buffers (the model rank 0 saves), scores its own shard of the set, and the sums are
+    all-reduced."""
+    images, labels = data.test_images, data.test_labels
+    model = trainer.result if trainer.ema is not None else trainer.eval_model
     if context.world_size == 1:
         return score(model, images, labels, data.normalize, recipe.batch_size, recipe.precision)[:2]
     broadcast_buffers(model)
@@ -147,14 +190,15 @@ def validation_scores(trainer, data, recipe, context):
 
 
 @torch.no_grad()
-def score(model, images, labels, normalize, batch_size, precision):
-    """(mean loss, accuracy, predictions) of the model in eval mode on uint8 images [N, 3, 32, 32]."""
+def score(model, images, labels, normalize, batch_size, precision, tta="none"):
+    """(mean loss, accuracy, predictions) of the model in eval mode on uint8 images [N, 3, 32, 32], each
+    image's logits the mean over its test-time views (augment.tta_views; tta none: the image alone)."""
     model.eval()
     loss_sum = torch.zeros((), device=images.device)
     predictions = []
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
         with autocast(images.device, precision):
-            logits = model(normalize(x))
+            logits = torch.stack([model(normalize(view)).float() for view in tta_views(x, tta)]).mean(0)
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
         predictions.append(logits.argmax(1))
     predictions = torch.cat(predictions)

@@ -2,16 +2,19 @@
 comparison reads them back through DVC's Python API. Two tiny variants on top of the trained baseline, on the
 synthetic archive, swept once (conftest's `swept`); the tests that change a repository change their own copy."""
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from dvc.api import exp_show
 from dvcrepo import assert_curves_overlaid, copy_repo, dvc, module, queue_rows, run, stages_run
 
-from stages.compare import experiments, markdown_table
+from stages.compare import ablation_table, ablations, experiments, markdown_table, write_ablations
 from stages.model import ResNet, count_parameters
-from stages.sweep import VARIANTS, command_line, planned
+from stages.sweep import ABLATION, TRICKS, TUNED, VARIANTS, command_line, planned
 
 PARAMS = {"wd-5e-4": 79186, "blocks-1111": 78002}  # [2,1,1,1] and [1,1,1,1] x [8,16,32,64]
+REPO = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -81,6 +84,31 @@ def test_compare_reads_the_columns_exp_show_gives():
            "1500 | 2400 |" in markdown_table(records)
 
 
+def test_the_ablation_report_gives_each_rung_and_its_gain_over_the_rung_before(tmp_path):
+    def record(name, accuracy, without):
+        return {"name": name, "accuracy": accuracy, "accuracy_without_tta": without, "wall_time_s": 60.0}
+    records = [record("ablation-1-sgd-nesterov", 0.80, 0.80), record("ablation-0-study", 0.75, 0.75),
+               record("ablation-2-label-smoothing", 0.79, 0.79), record("s1-ablation-0-study", 0.74, 0.74),
+               record("s1-ablation-7-flip-translate-tta", 0.80, 0.78), record("tuned", 0.9, 0.88)]
+    ladders = ablations(records)
+    assert set(ladders) == {"", "s1-"}  # one ladder per prefix; tuned is none
+    rungs = ladders[""]
+    assert [(r["index"], r["rung"]) for r in rungs] == [(0, "study"), (1, "sgd-nesterov"), (2, "label-smoothing")]
+    assert rungs[0]["gain"] is None and rungs[1]["gain"] == pytest.approx(0.05)
+    assert rungs[2]["gain"] == pytest.approx(-0.01)
+    table = ablation_table(rungs).splitlines()
+    assert table[2] == "| 0 | study | ablation-0-study | 75.00% | – | 75.00% | 60 |"
+    assert table[4] == "| 2 | label-smoothing | ablation-2-label-smoothing | 79.00% | -1.00 | 79.00% | 60 |"
+    assert ablation_table(ladders["s1-"]).splitlines()[3].startswith(
+        "| 7 | flip-translate-tta | s1-ablation-7-flip-translate-tta | 80.00% | +6.00 (over rung 0) | 78.00% |")
+    assert write_ablations(ladders, tmp_path) == ["ablation.png", "ablation-s1.png"]
+    assert (tmp_path / "ablation.png").read_bytes().startswith(PNG)
+    assert (tmp_path / "ablation-s1.png").read_bytes().startswith(PNG)
+    report = (tmp_path / "ablation.md").read_text()
+    assert "| 1 | sgd-nesterov | ablation-1-sgd-nesterov | 80.00% | +5.00 |" in report
+    assert "![ablation](ablation.png)" in report
+
+
 def test_compare_without_experiments_says_how_to_get_some(fresh, tmp_path):
     code, output = module(fresh, "compare", "--out", str(tmp_path / "report"))
     assert code == 1 and "error: no experiment with results yet: queue some (python -m stages.sweep)" in output
@@ -106,36 +134,79 @@ def test_an_experiment_on_weight_decay_reruns_train_evaluate_and_plot_and_change
     assert after["train"]["loss"] != before["train"]["loss"] and after["val"] != before["val"]
     # dvc metrics diff and dvc plots diff compare it with the baseline
     diff = json.loads(dvc(repo, "metrics", "diff", "HEAD", "wd-5e-4", "--json"))
-    assert set(diff["metrics/evaluate/metrics.json"]) <= {"accuracy", "loss"} and diff["metrics/evaluate/metrics.json"]
+    changed = diff["metrics/evaluate/metrics.json"]
+    assert changed and set(changed) <= {"accuracy", "loss", "without_tta.accuracy", "without_tta.loss"}, changed
     assert "params" not in diff.get("metrics/train/run.json", {})  # the same model: the same parameter count
     shown = dvc(repo, "metrics", "show")
     assert "metrics/train/run.json" in shown and "metrics/evaluate/metrics.json" in shown
     assert_curves_overlaid(repo, "HEAD", "wd-5e-4")  # both revisions' curves overlay in one plot
 
 
-def test_sweep_dry_run_prints_the_seven_commands_and_queues_nothing(fresh, call):
+def test_sweep_dry_run_prints_the_eight_commands_and_queues_nothing(fresh, call):
     code, output = call(fresh, "sweep", "--dry-run")
     lines = output.strip().splitlines()
-    assert code == 0 and len(lines) == 7, output
+    assert code == 0 and len(lines) == 8, output
     assert lines == [command_line(name, params) for name, params in planned(list(VARIANTS))]
     assert lines[0] == ("dvc exp run --queue -n final -S 'model.blocks=[2,1,1,1]' -S 'model.widths=[64,128,256,512]' "
                         "-S train.weight_decay=0.0001")
     assert run(fresh, "git", "for-each-ref", "refs/exps") == ""  # no queue entry (a stash commit there)
 
 
-def test_the_default_sweep_queues_the_seven_variants_with_their_exact_params(fresh, call):
+def shown_value(value):
+    """A params value as exp_show's row holds it: lists and booleans as text ('[2, 1, 1, 1]', 'True')."""
+    return str(value) if isinstance(value, (list, bool)) else value
+
+
+def test_the_default_sweep_queues_the_study_s_seven_variants_and_tuned_with_their_exact_params(fresh, call):
     code, output = call(fresh, "sweep")
-    assert code == 0 and "queued 7 experiment(s)" in output, output
+    assert code == 0 and "queued 8 experiment(s)" in output, output
     try:
         rows = {row["Experiment"]: row for row in exp_show(repo=str(fresh)) if row.get("Experiment")}
         assert set(rows) == set(VARIANTS) and {row["State"] for row in rows.values()} == {"Queued"}
         for name, variant in VARIANTS.items():
             shown = {key: rows[name][key] for key in variant}
-            assert shown == {"model.blocks": str(variant["model.blocks"]), "model.widths": str(variant["model.widths"]),
-                             "train.weight_decay": variant["train.weight_decay"]}, name
+            assert shown == {key: shown_value(value) for key, value in variant.items()}, name
             assert rows[name]["train.epochs"] == 3  # everything else from params.yaml
+        assert rows["tuned"]["train.optimizer"] == "sgd" and rows["tuned"]["evaluate.tta"] == "flip"
     finally:
         dvc(fresh, "queue", "remove", "--all")
+
+
+def test_tuned_is_the_study_s_model_with_the_tricks_that_paid_and_the_ladder_adds_one_trick_per_rung():
+    assert count_parameters(ResNet(TUNED["model.blocks"], TUNED["model.widths"])) == 4977226
+    rungs = list(ABLATION.items())
+    assert [name for name, _ in rungs] == [
+        "ablation-0-study", "ablation-1-sgd-nesterov", "ablation-2-label-smoothing", "ablation-3-alternating-flip",
+        "ablation-4-ema", "ablation-5-cutout", "ablation-6-flip-tta", "ablation-7-flip-translate-tta"]
+    study = rungs[0][1]
+    # the first rung is the study's recipe as params.yaml ships it, every trick off
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in study.items():
+        section, name = key.split(".")
+        assert shipped[section][name] == value, key
+    for (_, before), (name, after), (trick, keys) in zip(rungs, rungs[1:], TRICKS):
+        assert name.endswith(trick) and after == {**before, **keys}
+        assert any(before.get(k) != v for k, v in keys.items()), name  # the rung changes something
+    # tuned: the study's recipe with the tricks the measured ladder found paying (README), at the ladder's values
+    chosen = dict(TRICKS)
+    assert TUNED == VARIANTS["tuned"] == {**study, **chosen["sgd-nesterov"], **chosen["label-smoothing"],
+                                          **chosen["alternating-flip"], **chosen["flip-tta"]}
+    assert TUNED["train.ema_decay"] == 0 and TUNED["train.cutout"] == 0
+
+
+def test_the_ablation_option_queues_the_ladder_scaled_down(fresh, call):
+    code, output = call(fresh, "sweep", "--ablation", "--epochs", "2", "--width-divisor", "4", "-S", "train.seed=1",
+                        "--prefix", "s1-", "--dry-run")
+    lines = output.strip().splitlines()
+    assert code == 0 and len(lines) == 8, output
+    assert lines[1].startswith("dvc exp run --queue -n s1-ablation-1-sgd-nesterov ")
+    for line in lines:
+        assert "-S 'model.widths=[16,32,64,128]'" in line and line.endswith("-S train.epochs=2 -S train.seed=1")
+    assert "-S evaluate.tta=flip_translate" in lines[-1] and "-S train.optimizer=sgd" in lines[-1]
+    code, output = call(fresh, "sweep", "--ablation", "--only", "ablation-0-study", "ablation-4-ema", "--dry-run")
+    assert code == 0 and len(output.strip().splitlines()) == 2, output
+    code, output = call(fresh, "sweep", "--epochs", "0")
+    assert code == 1 and "error: --epochs 0: must be an integer >= 1" in output
 
 
 def test_a_name_is_one_experiment_per_commit_and_force_queues_its_replacement(swept, call, tmp_path):

@@ -28,6 +28,13 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     assert params["train"]["nproc"] == params["train"]["nnodes"] == 1 and params["train"]["sync_bn"] is False
     assert params["data"]["md5"] == "c58f30108f718f92721af3b95e74349a"
     assert params["system"] == {"device": "auto", "compile": False, "master_addr": "localhost", "master_port": 29500}
+    # the fast trainers' tricks are all off: Adam, no smoothing, no EMA, no cutout, random flips, no TTA
+    tricks = {key: params["train"][key] for key in ["optimizer", "label_smoothing", "ema_decay", "cutout", "flip"]}
+    assert tricks == {"optimizer": "adam", "label_smoothing": 0, "ema_decay": 0, "cutout": 0, "flip": "random"}
+    assert params["evaluate"] == {"tta": "none"}
+    # and so are the Recipe's own defaults, which code that builds one by hand (tests, the benchmark) relies on
+    defaults = {f.name: f.default for f in fields(Recipe) if f.name in tricks}
+    assert defaults == tricks
 
 
 def test_the_typed_views_hold_exactly_their_sections_keys():
@@ -68,6 +75,14 @@ def test_the_typed_views_hold_exactly_their_sections_keys():
     ("train.sync_bn", "on", "true or false"),
     ("data.md5", "abc", "32 hex digits"),
     ("data.url", "", "non-empty string"),
+    ("train.optimizer", "lamb", "one of adam, sgd"),
+    ("train.momentum", 1.0, "number >= 0 and < 1"),
+    ("train.nesterov", "yes", "true or false"),
+    ("train.label_smoothing", -0.1, "number >= 0 and < 1"),
+    ("train.ema_decay", 1, "number >= 0 and < 1"),
+    ("train.cutout", 2.5, "integer >= 0"),
+    ("train.flip", "never", "one of random, alternating"),
+    ("evaluate.tta", "crops", "one of none, flip, flip_translate"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, allowed):
     with pytest.raises(UserError) as error:
@@ -100,6 +115,17 @@ def test_every_process_needs_an_image_of_each_batch():
         check_params(params)
     params["train"]["batch_size"] = 16
     assert check_params(params)["train"]["nproc"] == 8
+
+
+def test_cutout_must_fit_the_image_and_nesterov_needs_momentum():
+    with pytest.raises(UserError, match=r"train.cutout = 32 must be smaller than the 32-pixel image"):
+        check_params(with_value("train.cutout", 32))
+    params = with_value("train.optimizer", "sgd")
+    params["train"]["momentum"] = 0
+    with pytest.raises(UserError, match=r"train.nesterov = true needs train.momentum > 0"):
+        check_params(params)
+    params["train"]["nesterov"] = False
+    assert check_params(params)["train"]["momentum"] == 0  # plain SGD
 
 
 def test_grad_clip_can_be_switched_off():

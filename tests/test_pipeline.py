@@ -41,6 +41,7 @@ def test_the_tiny_model_learns_and_every_metric_is_consistent(trained_repo):
     assert test["accuracy"] > 0.5, f"test accuracy {test['accuracy']}: chance is 0.1"
     assert test["accuracy"] == pytest.approx(train["val"]["acc"], abs=1e-6)  # the final model, not a best epoch
     assert test["loss"] == pytest.approx(train["val"]["loss"], rel=1e-5)
+    assert test["without_tta"] == {"accuracy": test["accuracy"], "loss": test["loss"]}  # evaluate.tta: none
     val_acc = [float(line.split("\t")[-1]) for line in
                (repo / "metrics/train/plots/metrics/val/acc.tsv").read_text().splitlines()[1:]]
     assert train["best_val_acc"] == pytest.approx(max(val_acc))

@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from dvcrepo import (
     CHECKPOINT,
     copy_repo,
     dvc,
     finished_epochs,
+    read_json,
     set_params,
     stages_run,
     start,
@@ -103,6 +105,37 @@ def test_sigint_mid_epoch_stops_at_once_and_a_checkpoint_of_other_params_is_igno
     # exactly what the uninterrupted [1, 1, 1, 1] run decided (the sweep's blocks-1111, run by DVC's queue beside
     # another experiment), not a mix with the other model's checkpoint
     assert training_results(repo) == without_evaluation(swept.results["blocks-1111"])
+
+
+# every trick on, with values that make each show in 3 tiny epochs
+ALL_TRICKS = {"train__optimizer": "sgd", "train__max_lr": 0.05, "train__weight_decay": 5e-4,
+              "train__label_smoothing": 0.2, "train__flip": "alternating", "train__ema_decay": 0.6,
+              "train__cutout": 8, "evaluate__tta": "flip_translate", "system__device": "cpu"}
+
+
+def test_a_run_with_every_trick_killed_mid_training_resumes_to_the_uninterrupted_result(data_repo, tmp_path, stage):
+    """SGD's momentum, the EMA and the alternating flips are state: the checkpoint holds them. (The train
+    stage runs in this process but for the killed run, a real process killed with SIGKILL.)"""
+    whole = copy_repo(data_repo.repo, tmp_path / "whole")
+    set_params(whole, **ALL_TRICKS)
+    assert stage(whole, "train").code == 0
+    killed = copy_repo(data_repo.repo, tmp_path / "killed")
+    set_params(killed, **ALL_TRICKS)
+    code, _, epoch = stop_after_first_epoch(killed, start(killed, sys.executable, "-m", "stages.train"), signal.SIGKILL)
+    assert code == -signal.SIGKILL and finished_epochs(killed) in range(epoch, EPOCHS)
+    state = torch.load(killed / CHECKPOINT, weights_only=True)
+    assert state["ema"]["n_averaged"] > 0 and state["flips"].dtype == torch.bool
+    assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
+    ran = stage(killed, "train")
+    assert ran.code == 0 and "resuming from models/checkpoint.pt after epoch" in ran.output
+    assert training_results(killed) == training_results(whole)
+
+    # the saved model is the EMA, which every epoch validated: evaluate scores it as the last epoch did
+    assert stage(killed, "evaluate").code == 0
+    test, last = read_json(killed, "metrics/evaluate/metrics.json"), read_json(killed, "metrics/train/metrics.json")
+    assert test["without_tta"]["accuracy"] == pytest.approx(last["val"]["acc"], abs=1e-6)
+    assert test["without_tta"]["loss"] == pytest.approx(last["val"]["loss"], rel=1e-5)
+    assert test["loss"] != pytest.approx(test["without_tta"]["loss"], rel=1e-4)  # the 6 views' mean logits
 
 
 def test_push_then_pull_into_an_empty_cache_restores_every_output_bit_for_bit(trained_repo, tmp_path):

@@ -167,6 +167,12 @@ def test_a_key_that_changes_results_makes_train_stale(repo, key, value):
     assert re.fullmatch(r"train:\s+changed deps:\s+params.yaml:\s+modified:\s+train\s*", status), status
 
 
+def test_test_time_augmentation_makes_evaluate_stale_and_not_train(repo):
+    set_params(repo, evaluate__tta="flip")
+    status = dvc(repo, "status")
+    assert re.fullmatch(r"evaluate:\s+changed deps:\s+params.yaml:\s+modified:\s+evaluate.tta\s*", status), status
+
+
 def test_dvc_lists_the_model_as_an_artifact(registered):
     repo = registered
     from dvc.api import artifacts_show

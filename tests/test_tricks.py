@@ -1,0 +1,254 @@
+"""The fast CIFAR-10 trainers' tricks, each tested for what it does: SGD with Nesterov momentum, label
+smoothing, the EMA of the weights, cutout, alternating flips and test-time augmentation."""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.augment import cutout, random_crop_flip, reflect_pad, tta_views
+from stages.distributed import Context
+from stages.model import ResNet
+from stages.params import Recipe
+from stages.training import (
+    Data,
+    epoch_flips,
+    make_optimizer,
+    make_scheduler,
+    make_trainer,
+    score,
+    train_epoch,
+    validation_scores,
+)
+
+RECIPE = Recipe(epochs=3, batch_size=20, max_lr=0.01, warmup_fraction=0.3, weight_decay=1e-4, grad_clip=0.1, seed=0,
+                precision="fp32", nproc=1, nnodes=1, sync_bn=False)
+CPU = Context(torch.device("cpu"))
+STATS = {"mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def random_data(n=60, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    return Data.on_device((images, labels), (images[:20], labels[:20]), STATS, CPU.device)
+
+
+def tiny_trainer(recipe, data):
+    torch.manual_seed(0)
+    return make_trainer(ResNet([1], [8]), recipe, CPU, False, len(data.labels))
+
+
+# SGD with Nesterov momentum
+
+def test_sgd_uses_nesterov_momentum_as_asked_and_the_schedule_leaves_it_alone():
+    recipe = replace(RECIPE, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.0, max_lr=0.1)
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, 1.0)
+    optimizer = make_optimizer(model, recipe)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert group["nesterov"] is True and group["momentum"] == 0.9 and group["dampening"] == 0
+    # Nesterov's update, by hand: v = mu v + g; w -= lr (g + mu v), with a gradient of 1 at each step
+    lr, mu, w, v = 0.1, 0.9, 1.0, 0.0
+    for _ in range(3):
+        model.weight.grad = torch.ones_like(model.weight)
+        optimizer.step()
+        v = mu * v + 1.0
+        w -= lr * (1.0 + mu * v)
+        assert model.weight.item() == pytest.approx(w, rel=1e-6)
+    classic = make_optimizer(nn.Linear(1, 1), replace(recipe, nesterov=False))
+    assert classic.param_groups[0]["nesterov"] is False
+    # OneCycle cycles Adam's beta1 (the study's recipe), but SGD keeps train.momentum throughout
+    scheduler = make_scheduler(optimizer, replace(recipe, epochs=1), steps_per_epoch=10)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        assert optimizer.param_groups[0]["momentum"] == 0.9
+    adam = make_optimizer(nn.Linear(1, 1), RECIPE)
+    make_scheduler(adam, RECIPE, steps_per_epoch=10)
+    assert adam.param_groups[0]["betas"][0] == pytest.approx(0.95)  # OneCycle's start: max momentum
+
+
+def test_sgd_weight_decay_is_l2_on_the_weights():
+    recipe = replace(RECIPE, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.5, max_lr=0.1)
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, 2.0)
+    optimizer = make_optimizer(model, recipe)
+    model.weight.grad = torch.zeros_like(model.weight)
+    optimizer.step()  # g = 0 + 0.5 * 2 = 1; v = 1; w = 2 - 0.1 * (1 + 0.9) = 1.81
+    assert model.weight.item() == pytest.approx(1.81)
+
+
+# Label smoothing
+
+def test_the_training_loss_is_label_smoothings_formula():
+    data = random_data(20)
+    recipe = replace(RECIPE, epochs=1, label_smoothing=0.2, grad_clip=False)
+    trainer = tiny_trainer(recipe, data)
+    seen = []
+    trainer.model.register_forward_hook(lambda module, inputs, output: seen.append(output.detach()))
+    loss, _ = train_epoch(trainer, data, recipe, CPU)
+    (logits,) = seen
+    labels = data.labels[torch.randperm(20, generator=torch.Generator().manual_seed(0))]  # the epoch's order
+    log_p = F.log_softmax(logits, 1)
+    # (1 - e) * cross-entropy with the label + e * the mean over the 10 classes of -log p
+    expected = (0.8 * -log_p.gather(1, labels[:, None]).squeeze(1) + 0.2 * -log_p.mean(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = F.cross_entropy(logits, labels)
+    assert abs(loss.item() - plain.item()) > 1e-3  # it did smooth
+
+
+# The EMA of the weights
+
+def test_the_ema_is_the_hand_computed_average_of_every_step_and_is_the_run_s_model():
+    data = random_data(60)
+    decay = 0.6
+    recipe = replace(RECIPE, epochs=1, ema_decay=decay)
+    trainer = tiny_trainer(recipe, data)
+    states = []  # the weights and buffers after every step
+    trainer.optimizer.register_step_post_hook(
+        lambda *_: states.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}))
+    train_epoch(trainer, data, recipe, CPU)
+    assert len(states) == 3
+    floats = [k for k, v in states[0].items() if v.is_floating_point()]  # weights and BatchNorm statistics
+    expected = {k: states[0][k] for k in floats}
+    for state in states[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * state[k] for k in floats}
+    averaged = trainer.ema.module.state_dict()
+    for k in floats:
+        assert torch.allclose(averaged[k], expected[k], atol=1e-6), k
+    assert any(not torch.allclose(averaged[k], states[-1][k]) for k in floats)  # not just the last weights
+    assert trainer.result is trainer.ema.module and replace(trainer, ema=None).result is trainer.model
+
+
+def test_validation_scores_the_ema_when_it_is_on():
+    data = random_data(60)
+    recipe = replace(RECIPE, epochs=1, ema_decay=0.9)
+    trainer = tiny_trainer(recipe, data)
+    train_epoch(trainer, data, recipe, CPU)
+    loss, _ = validation_scores(trainer, data, recipe, CPU)
+    ema_loss = score(trainer.ema.module, data.test_images, data.test_labels, data.normalize, 20, "fp32")[0]
+    raw_loss = score(trainer.model, data.test_images, data.test_labels, data.normalize, 20, "fp32")[0]
+    assert loss.item() == ema_loss.item() != raw_loss.item()
+
+
+# Cutout
+
+def test_cutout_zeroes_exactly_one_square_per_image_at_random_positions():
+    images = torch.ones(200, 3, 32, 32)
+    out = cutout(images, 8, torch.Generator().manual_seed(0))
+    corners = []
+    for image in out:
+        zero = image == 0
+        assert torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2])  # every channel alike
+        rows, cols = zero[0].nonzero(as_tuple=True)
+        assert len(rows) == 64  # one whole 8 x 8 square, inside the image
+        top, left = rows.min().item(), cols.min().item()
+        assert rows.max() - top == 7 and cols.max() - left == 7
+        corners.append((top, left))
+        assert (image[:, ~zero[0]] == 1).all()  # and nothing else changed
+    assert len(set(corners)) > 100 and {t for t, _ in corners} >= {0, 24}  # spread over all of [0, 24]
+    assert torch.equal(images, torch.ones(200, 3, 32, 32))  # the input itself is left alone
+
+
+def test_a_rank_cuts_its_part_as_one_process_cuts_the_whole_batch():
+    images = torch.rand(10, 3, 32, 32)
+    whole = cutout(images, 6, torch.Generator().manual_seed(3))
+    part = cutout(images[4:7], 6, torch.Generator().manual_seed(3), 4, 10)
+    assert torch.equal(part, whole[4:7])
+
+
+def test_training_with_cutout_cuts_every_batch():
+    data = random_data(20)
+    recipe = replace(RECIPE, epochs=1, cutout=10)
+    trainer = tiny_trainer(recipe, data)
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+    train_epoch(trainer, data, recipe, CPU)
+    (x,) = seen
+    assert [(image == 0).all(0).sum().item() for image in x] == [100] * 20  # a 10 x 10 square of zeros each
+
+
+# Alternating flips
+
+def test_alternating_flip_gives_each_image_the_opposite_flip_in_consecutive_epochs():
+    data = random_data(60)
+    recipe = replace(RECIPE, flip="alternating")
+    trainer = tiny_trainer(recipe, data)
+    flips = []
+    for _ in range(3):
+        train_epoch(trainer, data, recipe, CPU)
+        flips.append(trainer.flips.clone())
+    assert 10 < flips[0].sum() < 50  # random in the first epoch
+    assert torch.equal(flips[1], ~flips[0]) and torch.equal(flips[2], flips[0])
+    assert epoch_flips(tiny_trainer(RECIPE, data), RECIPE, 60, CPU.device) is None  # random: drawn per batch
+
+
+def test_a_given_flip_mirrors_exactly_those_images():
+    padded = reflect_pad(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), 4)
+    flip = torch.tensor([True, False] * 4)
+    unflipped = random_crop_flip(padded, 32, torch.Generator().manual_seed(2), flip=torch.zeros(8, dtype=torch.bool))
+    flipped = random_crop_flip(padded, 32, torch.Generator().manual_seed(2), flip=flip)
+    for i in range(8):  # the same crops (the same offsets drawn), mirrored where asked
+        assert torch.equal(flipped[i], unflipped[i].flip(2) if flip[i] else unflipped[i])
+
+
+# Test-time augmentation
+
+def test_tta_views_are_the_image_its_mirror_and_one_pixel_shifts():
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert [v.data_ptr() for v in tta_views(images, "none")] == [images.data_ptr()]
+    plain, mirror = tta_views(images, "flip")
+    assert torch.equal(plain, images) and torch.equal(mirror, images.flip(3))
+    views = tta_views(images, "flip_translate")
+    assert len(views) == 6
+    down_right, up_left = views[2], views[3]
+    assert torch.equal(down_right[:, :, 1:, 1:], images[:, :, :-1, :-1])  # content moved one pixel down-right
+    assert torch.equal(up_left[:, :, :-1, :-1], images[:, :, 1:, 1:])  # and up-left
+    assert torch.equal(views[4], down_right.flip(3)) and torch.equal(views[5], up_left.flip(3))
+
+
+class Linear(nn.Module):
+    """A linear model of the flattened image: its logits are easy to average by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("tta", ["flip", "flip_translate"])
+def test_tta_logits_are_the_mean_of_the_views_logits(tta):
+    torch.manual_seed(0)
+    model, data = Linear(), random_data(20)
+    images, labels = data.test_images, data.test_labels
+    loss, accuracy, predictions = score(model, images, labels, data.normalize, 7, "fp32", tta)
+    with torch.no_grad():
+        logits = torch.stack([model(data.normalize(v)) for v in tta_views(images, tta)]).mean(0)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert torch.equal(predictions, logits.argmax(1))
+    assert loss.item() != pytest.approx(score(model, images, labels, data.normalize, 7, "fp32")[0].item(), rel=1e-4)
+
+
+class Symmetric(nn.Module):
+    """A model blind to horizontal flips: f(x) = g(x) + g(mirror of x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = Linear()
+
+    def forward(self, x):
+        return self.g(x) + self.g(x.flip(3))
+
+
+def test_a_flip_symmetric_model_gains_nothing_from_flip_tta():
+    torch.manual_seed(0)
+    model, data = Symmetric(), random_data(20)
+    plain = score(model, data.test_images, data.test_labels, data.normalize, 20, "fp32")
+    flipped = score(model, data.test_images, data.test_labels, data.normalize, 20, "fp32", "flip")
+    assert flipped[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+    assert torch.equal(flipped[2], plain[2]) and flipped[1] == plain[1]
