@@ -15,6 +15,12 @@ def reflect_pad(images, pad):
     return images[:, :, index(images.shape[2])][:, :, :, index(images.shape[3])]
 
 
+def _per_image(high, n, part, ndim, device, generator):
+    """A random integer in [0, high) per image, shaped [B, 1, ...] (ndim ones) to broadcast: drawn for the
+    whole batch of n and this part's kept, so a rank draws exactly what one process would."""
+    return torch.randint(0, high, (n,) + (1,) * ndim, device=device, generator=generator)[part]
+
+
 def random_crop_flip(padded, size, generator, start=0, drawn=None, flip=None):
     """Per image: a random `size` x `size` crop of the padded images [B, C, H, W], then a horizontal flip
     with probability 0.5 (the study's RandomCrop(32, padding=4, reflect) + RandomHorizontalFlip), or, given
@@ -26,8 +32,8 @@ def random_crop_flip(padded, size, generator, start=0, drawn=None, flip=None):
     b, c, h, w = padded.shape
     device = padded.device
     n, part = drawn or b, slice(start, start + b)
-    top = torch.randint(0, h - size + 1, (n, 1, 1, 1), device=device, generator=generator)[part]
-    left = torch.randint(0, w - size + 1, (n, 1, 1, 1), device=device, generator=generator)[part]
+    top = _per_image(h - size + 1, n, part, 3, device, generator)
+    left = _per_image(w - size + 1, n, part, 3, device, generator)
     if flip is None:
         flip = (torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5)[part]
     else:
@@ -47,8 +53,8 @@ def cutout(images, size, generator, start=0, drawn=None):
     b, _, h, w = images.shape
     device = images.device
     n, part = drawn or b, slice(start, start + b)
-    top = torch.randint(0, h - size + 1, (n, 1, 1), device=device, generator=generator)[part]
-    left = torch.randint(0, w - size + 1, (n, 1, 1), device=device, generator=generator)[part]
+    top = _per_image(h - size + 1, n, part, 2, device, generator)
+    left = _per_image(w - size + 1, n, part, 2, device, generator)
     rows = torch.arange(h, device=device).view(1, h, 1)
     cols = torch.arange(w, device=device).view(1, 1, w)
     square = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)  # [B, H, W]

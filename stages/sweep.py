@@ -62,7 +62,7 @@ VARIANTS = {
 
 def format_value(value):
     """A value as `dvc exp run -S` parses it (YAML): lists without spaces, floats in exponent form, true/false."""
-    if isinstance(value, bool):  # YAML's spelling: DVC would write Python's True as the string 'True'
+    if isinstance(value, bool):  # YAML's own spelling, not Python's True/False
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ",".join(format_value(v) for v in value) + "]"
