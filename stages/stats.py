@@ -1,11 +1,9 @@
 """Stage stats: per-channel mean and std of the training images, for normalization, to data/stats.json."""
-from .cifar10 import channel_stats, load_split
-from .params import load_params
-from .workspace import BATCHES_DIR, STATS_FILE, run, write_json
+from cifar.data import channel_stats, load_split
+from cifar.workspace import BATCHES_DIR, STATS_FILE, command, write_json
 
 
 def main():
-    load_params()  # a broken params.yaml fails every stage, before any work
     images, _ = load_split(BATCHES_DIR, "train")
     mean, std = channel_stats(images)
     write_json(STATS_FILE, {"mean": mean, "std": std, "num_images": len(images)})
@@ -13,4 +11,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    command(main)

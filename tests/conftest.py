@@ -130,16 +130,16 @@ class Ran:
 @pytest.fixture
 def stage(monkeypatch, capsys):
     """`python -m stages.<name> args` in a folder, run in this process through the same entry point
-    (workspace.run around the stage's main): what the subprocess would run, without starting Python and
+    (workspace.command around the stage's main): what the subprocess would run, without starting Python and
     torch again. Returns a Ran. Each kind of stage runs as its own process too, elsewhere in the tests."""
-    from stages.workspace import run
+    from cifar.workspace import command
 
     def call(folder, name, *args):
-        main = importlib.import_module(f"stages.{name}").main
+        main = importlib.import_module(name if "." in name else f"stages.{name}").main
         monkeypatch.chdir(folder)
         capsys.readouterr()
         try:
-            run(main, *([list(args)] if inspect.signature(main).parameters else []))  # never pytest's argv
+            command(main, *([list(args)] if inspect.signature(main).parameters else []))  # never pytest's argv
             code = 0
         except SystemExit as e:
             code = e.code
@@ -180,15 +180,15 @@ def trained_repo(tmp_path_factory, data_repo):
     return Pipeline(repo, output, results)
 
 
-# Two variants narrowed to the test repositories' widths [8, 16, 32, 64], on top of trained_repo's baseline
-# (3 epochs, seed 0): one changes the weight decay alone (1e-4 -> 5e-4), the other the blocks alone
+# Two variants of trained_repo's baseline (its params.yaml, widths [8, 16, 32, 64], 3 epochs, seed 0, is the
+# study the sweep varies): one changes the weight decay alone (1e-4 -> 5e-4), the other the blocks alone
 SWEPT = ["wd-5e-4", "blocks-1111"]
-SWEEP = ["--only", *SWEPT, "--width-divisor", "8"]
+SWEEP = ["--only", *SWEPT]
 
 
 @dataclass
 class Swept:
-    """A copy of trained_repo in which `python -m stages.sweep` queued two tiny variants and `dvc queue start
+    """A copy of trained_repo in which `python -m tools.sweep` queued two tiny variants and `dvc queue start
     -j 2` ran them, both at once."""
     repo: Path
     code: int  # the sweep's exit status
@@ -202,7 +202,7 @@ class Swept:
 @pytest.fixture(scope="session")
 def swept(trained_repo, tmp_path_factory):
     repo = copy_repo(trained_repo.repo, tmp_path_factory.mktemp("swept") / "repo")
-    code, output = module(repo, "sweep", *SWEEP)
+    code, output = module(repo, "tools.sweep", *SWEEP)
     queued = queue_states(repo)
     try:
         started = start_workers(repo, repo.parent / "queue-start.log", jobs=2)

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-TRACKED = ["stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
+TRACKED = ["stages", "cifar", "tools", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config",
+           ".dvc/.gitignore",
            "data/.gitignore", "models/.gitignore", "metrics/.gitignore", "plots/.gitignore", "plots_template"]
 CHECKPOINT = "models/checkpoint.pt"
 TIMING = {"wall_time_s", "images_per_s"}  # measurements of the machine, not results of the training
@@ -53,7 +54,7 @@ def results(metrics):
     return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
-CURVES = ["train/loss", "train/acc", "val/loss", "val/acc", "lr"]
+CURVES = ["train/loss", "train/acc", "test/loss", "test/acc", "lr"]
 
 
 def training_results(repo):
@@ -158,8 +159,10 @@ def stop_after_first_epoch(repo, process, signum):
 
 
 def module(repo, name, *args):
-    """python -m stages.<name> args in repo, as its own process -> (exit status, stdout + stderr)."""
-    result = subprocess.run([sys.executable, "-m", f"stages.{name}", *args], cwd=repo, env=env(),
+    """python -m stages.<name> (or a dotted module: tools.sweep) args in repo, as its own process -> (exit
+    status, stdout + stderr)."""
+    module_name = name if "." in name else f"stages.{name}"
+    result = subprocess.run([sys.executable, "-m", module_name, *args], cwd=repo, env=env(),
                             capture_output=True, text=True, timeout=300)
     return result.returncode, result.stdout + result.stderr
 

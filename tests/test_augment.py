@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from stages.augment import Normalizer, random_crop_flip, reflect_pad
+from cifar.augment import Normalizer, random_crop_flip, reflect_pad
 
 
 def test_reflect_pad_matches_torch_reflect_padding():

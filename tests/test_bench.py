@@ -1,12 +1,15 @@
 """The benchmark measures the recipe that trains: params.yaml's, through the train stage's own loop (its
-speed is not asserted here; python -m stages.bench prints it)."""
+speed is not asserted here; python -m tools.bench prints it)."""
 import json
 
+import torch
 import yaml
 from dvcrepo import REPO
 
-from stages import bench, training
+from cifar import training
+from tools import bench
 
+CPU = torch.device("cpu")
 TINY = ["--steps", "2", "--warmup", "1", "--rounds", "1", "--batch-size", "16", "--blocks", "1", "1",
         "--widths", "8", "16", "--workers", "1"]
 
@@ -46,7 +49,8 @@ def test_bench_defaults_to_the_studys_model_from_params(monkeypatch):
     monkeypatch.chdir(REPO)
     args = bench.parse_args([])
     assert args.blocks == [2, 1, 1, 1] and args.widths == [64, 128, 256, 512] and args.recipe.batch_size == 400
-    assert args.recipe.max_lr == 0.01 and args.recipe.grad_clip == 0.1 and args.compile is False
+    assert args.recipe.max_lr == 0.01 and args.recipe.grad_clip == 0.1
+    assert args.compiled is False and args.device == "auto"
 
 
 def test_flops_per_image_are_a_training_steps_forward_and_backward():
@@ -58,7 +62,7 @@ def test_flops_per_image_are_a_training_steps_forward_and_backward():
     stem, conv, head = 2 * 3 * 8 * 9 * 32 * 32, 2 * 8 * 8 * 9 * 32 * 32, 2 * 8 * 10
     forward = stem + 2 * conv + head
     backward = stem + 2 * (2 * conv) + 2 * head
-    assert bench.flops_per_image(args, training.pick_device()) == forward + backward == 7_963_104
+    assert bench.flops_per_image(args, CPU) == forward + backward == 7_963_104
 
 
 def test_bench_reports_its_distance_to_the_hardware_and_the_top_operators(capsys):
@@ -66,8 +70,36 @@ def test_bench_reports_its_distance_to_the_hardware_and_the_top_operators(capsys
     captured = capsys.readouterr()
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["gflops_per_image"] == round(bench.flops_per_image(bench.parse_args(
-        ["--params", str(REPO / "params.yaml"), *TINY]), training.pick_device()) / 1e9, 4)
+        ["--params", str(REPO / "params.yaml"), *TINY]), CPU) / 1e9, 4)
     assert result["matmul_tflop_per_s"] > 0 and result["capability"]
     for mode in ["project", "reference", "ceiling"]:
         assert 0 < result[f"{mode}_mfu"] < 1 and result[f"{mode}_tflop_per_s"] > 0
     assert "Self CPU" in captured.err and "aten::" in captured.err  # the profiler's table of operators
+
+
+def test_the_reference_loop_uses_the_recipes_optimizer(tmp_path, monkeypatch):
+    """The reference differs from the project's loop in its data path and precision only: under
+    train.optimizer sgd it steps SGD with the recipe's momentum, as the project's loop does."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(optimizer="sgd", max_lr=0.2, momentum=0.8, nesterov=True, weight_decay=5e-4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    built = []
+    monkeypatch.setattr(bench, "make_optimizer", lambda model, recipe: built.append(
+        training.make_optimizer(model, recipe)) or built[-1])
+    args = bench.parse_args(["--params", str(tmp_path / "params.yaml"), *TINY])
+    bench.reference_runner(args, CPU)(1)
+    (optimizer,) = built
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert group["momentum"] == 0.8 and group["nesterov"] and group["weight_decay"] == 5e-4
+
+
+def test_the_benchmark_runs_on_the_device_system_device_chooses(tmp_path, monkeypatch, capsys):
+    """One device choice for the stages and the benchmark: devices.choose_device with system.device."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["system"]["device"] = "cpu"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    asked = []
+    monkeypatch.setattr(bench, "choose_device", lambda setting: asked.append(setting) or (CPU, None))
+    bench.main(["--params", str(tmp_path / "params.yaml"), *TINY, "--precision", "fp32"])
+    assert asked == ["cpu"] and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["device"].startswith("cpu")

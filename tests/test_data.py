@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import CLASSES, TEST_IMAGES, TRAIN_PER_BATCH, build_archive, synthetic_batches
 
-from stages.cifar10 import channel_stats, download, load_split, read_batch, read_classes
-from stages.workspace import UserError
+from cifar.data import channel_stats, download, load_split, read_batch, read_classes
+from cifar.workspace import UserError
 
 
 def assert_nothing_left(data_dir):
@@ -51,7 +51,7 @@ def test_wrong_checksum_is_an_error_and_leaves_nothing(tmp_path, archive, archiv
 
 
 def test_unreachable_url_is_an_error(tmp_path, server_url, archive_dir):
-    with pytest.raises(UserError, match="could not be downloaded"):
+    with pytest.raises(UserError, match="could not be downloaded: .*point data.url at its local path"):
         download(server_url + "/no-such-file.tar.gz", "0" * 32, tmp_path / "data")
     assert_nothing_left_and_a_corrected_run_works(tmp_path / "data", archive_dir)
 

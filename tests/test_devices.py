@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 
-from stages.devices import choose_device, claim_gpus, launch_environment, visible_gpus
-from stages.workspace import UserError
+from cifar.devices import choose_device, claim_gpus, launch_environment, visible_gpus
+from cifar.workspace import UserError
 
 GPUS = ["0", "1", "2", "3"]
 FORK = multiprocessing.get_context("fork")  # the test's torch is already imported: a fork starts at once

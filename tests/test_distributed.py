@@ -2,26 +2,24 @@
 line, and one step on 2 processes with half the batch each against 1 process with the whole batch."""
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dvcrepo import copy_repo, dvc, env, read_json, run, set_params, stages_run
+from recipes import changed, recipe, system
 from test_pipeline import OUTPUTS
 from torch import nn
 
-from stages.augment import random_crop_flip, reflect_pad
-from stages.distributed import Context, check, node_rank, shard, torchrun_args
-from stages.model import ResNet
-from stages.params import Recipe, System
-from stages.training import Data, make_trainer, train_epoch
-from stages.workspace import UserError
+from cifar.augment import random_crop_flip, reflect_pad
+from cifar.distributed import Context, check, node_rank, shard, torchrun_args
+from cifar.model import ResNet
+from cifar.training import Data, make_trainer, train_epoch
+from cifar.workspace import UserError
 
-TRAIN = Recipe(epochs=1, batch_size=50, max_lr=0.01, warmup_fraction=0.3, weight_decay=1e-4, grad_clip=0.1, seed=0,
-               precision="fp32", nproc=2, nnodes=1, sync_bn=False)
-SYSTEM = System(device="auto", compile=False, master_addr="localhost", master_port=29500)
+TRAIN = recipe(epochs=1, batch_size=50, precision="fp32", nproc=2)
+SYSTEM = system()
 CPU = torch.device("cpu")
 
 
@@ -45,14 +43,14 @@ def test_a_rank_crops_its_part_exactly_as_one_process_crops_the_whole_batch():
 def test_torchrun_command_lines_for_one_node_and_for_several():
     assert torchrun_args(TRAIN, SYSTEM, 0, "stages.train") == ["--nproc-per-node=2", "--standalone", "-m",
                                                                "stages.train"]
-    nodes, meeting = replace(TRAIN, nproc=8, nnodes=2), replace(SYSTEM, master_addr="10.0.0.1", master_port=29400)
+    nodes, meeting = changed(TRAIN, nproc=8, nnodes=2), changed(SYSTEM, master_addr="10.0.0.1", master_port=29400)
     assert torchrun_args(nodes, meeting, 1, "stages.train") == [
         "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
         "-m", "stages.train"]
 
 
 def test_node_rank_comes_from_the_command_line_and_must_name_a_node():
-    nodes = replace(TRAIN, nnodes=3)
+    nodes = changed(TRAIN, nnodes=3)
     assert node_rank([], nodes) == 0 and node_rank(["--node-rank", "2"], nodes) == 2
     with pytest.raises(UserError, match=r"--node-rank 3: must be 0 to 2 \(train.nnodes = 3\)"):
         node_rank(["--node-rank", "3"], nodes)
@@ -60,9 +58,9 @@ def test_node_rank_comes_from_the_command_line_and_must_name_a_node():
 
 def test_sync_bn_on_several_cpu_processes_is_an_error_before_any_process_starts():
     with pytest.raises(UserError, match="train.sync_bn = True .* needs CUDA GPUs"):
-        check(replace(TRAIN, sync_bn=True), CPU)
+        check(changed(TRAIN, sync_bn=True), CPU)
     check(TRAIN, CPU)
-    check(replace(TRAIN, nproc=1, sync_bn=True), CPU)  # one process: SyncBatchNorm is never used
+    check(changed(TRAIN, nproc=1, sync_bn=True), CPU)  # one process: SyncBatchNorm is never used
 
 
 class FrozenStatisticsResNet(ResNet):
@@ -89,7 +87,7 @@ def train_steps(n, rank, world_size, device=CPU, model_class=FrozenStatisticsRes
     """An epoch of the training engine over n images (at most one batch: one step): (loss, accuracy, weights,
     gradients) on the host."""
     torch.manual_seed(0)
-    recipe, context = replace(TRAIN, sync_bn=sync_bn, precision=precision), Context(device, rank, world_size)
+    recipe, context = changed(TRAIN, sync_bn=sync_bn, precision=precision), Context(device, rank, world_size)
     # 10 steps per epoch for OneCycle: the first step at its initial rate
     trainer = make_trainer(model_class([1, 1, 1, 1], [8, 16, 32, 64]), recipe, context, False, 10 * TRAIN.batch_size)
     images, labels = data(n)
@@ -198,7 +196,7 @@ def repo(data_repo, tmp_path_factory):
 def test_repro_on_two_processes_writes_every_output_once_and_learns(repo):
     output = dvc(repo, "repro")
     assert stages_run(output) == {"train", "evaluate", "plot"}
-    assert "2 processes" in output and output.count("final val acc") == 1  # rank 1 prints nothing
+    assert "2 processes" in output and output.count("final test acc") == 1  # rank 1 prints nothing
     for path in OUTPUTS:
         assert (repo / path).is_file() and (repo / path).stat().st_size > 0, path
     train = read_json(repo, "metrics/train/metrics.json")
@@ -206,8 +204,8 @@ def test_repro_on_two_processes_writes_every_output_once_and_learns(repo):
     assert train["step"] == 3 and read_json(repo, "metrics/train/run.json")["images_per_s"] > 0
     assert test["accuracy"] > 0.5, f"test accuracy {test['accuracy']}: chance is 0.1"
     # the sharded validation measured the model rank 0 saved, which evaluate reads as is
-    assert test["accuracy"] == pytest.approx(train["val"]["acc"], abs=1e-6)
-    assert test["loss"] == pytest.approx(train["val"]["loss"], rel=1e-4)
+    assert test["accuracy"] == pytest.approx(train["test"]["acc"], abs=1e-6)
+    assert test["loss"] == pytest.approx(train["test"]["loss"], rel=1e-4)
     assert run(repo, "git", "status", "--porcelain", "--untracked-files=all").split() == ["M", "dvc.lock"]
 
 

@@ -9,13 +9,16 @@ import yaml
 from dvc.api import exp_show
 from dvcrepo import assert_curves_overlaid, copy_repo, dvc, module, queue_rows, run, stages_run
 
-from stages.compare import ablation_table, ablations, experiments, markdown_table, write_ablations
-from stages.model import ResNet, count_parameters
-from stages.sweep import ABLATION, TRICKS, TUNED, VARIANTS, command_line, planned
+from cifar.model import ResNet, count_parameters
+from tools.compare import ablation_table, ablations, experiments, markdown_table, write_ablations
+from tools.sweep import TRICKS, command_line, ladder, planned, study, variants
 
 PARAMS = {"wd-5e-4": 79186, "blocks-1111": 78002}  # [2,1,1,1] and [1,1,1,1] x [8,16,32,64]
 REPO = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
+STUDY = study(REPO / "params.yaml")  # the shipped params.yaml: the study's recipe
+VARIANTS, ABLATION = variants(STUDY), ladder(STUDY)
+TUNED = VARIANTS["tuned"]
 
 
 @pytest.fixture
@@ -45,23 +48,28 @@ def test_the_study_variants_fit_the_budget_and_the_small_one_is_under_a_million(
 
 
 def test_a_sweep_command_sets_the_compared_keys_then_the_overrides():
-    (experiment,) = planned(["blocks-6543"], width_divisor=4, overrides=["train.epochs=5"], prefix="cpu-")
-    assert experiment == ("cpu-blocks-6543", {"model.blocks": "[6,5,4,3]", "model.widths": "[8,16,32,64]",
-                                              "train.weight_decay": "0.0001", "train.epochs": "5"})
-    assert command_line(*experiment, force=True) == (
+    (experiment,) = planned(["blocks-6543"], VARIANTS, width_divisor=4, overrides=["train.epochs=5"], prefix="cpu-")
+    name, params = experiment
+    assert name == "cpu-blocks-6543" and list(params)[:3] == ["model.blocks", "model.widths", "train.weight_decay"]
+    assert params == {"model.blocks": "[6,5,4,3]", "model.widths": "[8,16,32,64]", "train.weight_decay": "0.0001",
+                      "train.optimizer": "adam", "train.max_lr": "0.01", "train.label_smoothing": "0",
+                      "train.flip": "random", "train.ema_decay": "0", "train.cutout": "0", "evaluate.tta": "none",
+                      "train.epochs": "5"}
+    assert command_line(*experiment, force=True).startswith(
         "dvc exp run --queue -n cpu-blocks-6543 --force -S 'model.blocks=[6,5,4,3]' -S 'model.widths=[8,16,32,64]' "
-        "-S train.weight_decay=0.0001 -S train.epochs=5")
-    ((_, params),) = planned(["wd-1e-6"], overrides=["train.weight_decay=3e-4"])
-    assert len(params) == 3 and params["train.weight_decay"] == "3e-4"
+        "-S train.weight_decay=0.0001 -S train.optimizer=adam ")
+    assert command_line(*experiment).endswith(" -S evaluate.tta=none -S train.epochs=5")
+    ((_, params),) = planned(["wd-1e-6"], VARIANTS, overrides=["train.weight_decay=3e-4"])
+    assert len(params) == len(STUDY) and params["train.weight_decay"] == "3e-4"
 
 
 @pytest.mark.parametrize("args, phrase", [
     (["--only", "final", "deeper"], "unknown variant deeper (known: final,"),
     (["-S", "epochs"], "-S 'epochs': expected section.key=value"),
-    (["--width-divisor", "3"], "--width-divisor 3 does not divide model.widths [64, 128, 256, 512]"),
+    (["--width-divisor", "3"], "--width-divisor 3 does not divide model.widths [8, 16, 32, 64]"),  # the repo's
 ])
 def test_sweep_rejects_bad_input_in_one_line(fresh, call, args, phrase):
-    code, output = call(fresh, "sweep", *args)
+    code, output = call(fresh, "tools.sweep", *args)
     assert code == 1 and output.strip().splitlines()[-1].startswith("error: ") and phrase in output, output
     assert "Traceback" not in output
 
@@ -79,7 +87,7 @@ def test_compare_reads_the_columns_exp_show_gives():
     (wide,) = records
     assert wide["name"] == "wide" and wide["blocks"] == [1, 1, 1, 1] and wide["accuracy"] == 0.93
     assert wide["params"] == 4903242 and wide["epochs"] == 70
-    wide["best_val_acc"] = 0.935  # compare() takes it from the validation curve
+    wide["best_epoch_acc"] = 0.935  # compare() takes it from the per-epoch accuracy curve
     assert "| wide | abc1234 | [1, 1, 1, 1] | [64, 128, 256, 512] | 0.0001 | 70 | 4,903,242 | 93.00% | 93.50% | " \
            "1500 | 2400 |" in markdown_table(records)
 
@@ -110,8 +118,8 @@ def test_the_ablation_report_gives_each_rung_and_its_gain_over_the_rung_before(t
 
 
 def test_compare_without_experiments_says_how_to_get_some(fresh, tmp_path):
-    code, output = module(fresh, "compare", "--out", str(tmp_path / "report"))
-    assert code == 1 and "error: no experiment with results yet: queue some (python -m stages.sweep)" in output
+    code, output = module(fresh, "tools.compare", "--out", str(tmp_path / "report"))
+    assert code == 1 and "error: no experiment with results yet: queue some (python -m tools.sweep)" in output
     assert not (tmp_path / "report").exists()
 
 
@@ -131,7 +139,7 @@ def test_an_experiment_on_weight_decay_reruns_train_evaluate_and_plot_and_change
     repo = swept.repo
     assert stages_run(dvc(repo, "queue", "logs", "wd-5e-4")) == {"train", "evaluate", "plot"}  # never the data's
     after, before = swept.results["wd-5e-4"]["metrics"], trained_repo.results["metrics"]
-    assert after["train"]["loss"] != before["train"]["loss"] and after["val"] != before["val"]
+    assert after["train"]["loss"] != before["train"]["loss"] and after["test"] != before["test"]
     # dvc metrics diff and dvc plots diff compare it with the baseline
     diff = json.loads(dvc(repo, "metrics", "diff", "HEAD", "wd-5e-4", "--json"))
     changed = diff["metrics/evaluate/metrics.json"]
@@ -143,12 +151,15 @@ def test_an_experiment_on_weight_decay_reruns_train_evaluate_and_plot_and_change
 
 
 def test_sweep_dry_run_prints_the_eight_commands_and_queues_nothing(fresh, call):
-    code, output = call(fresh, "sweep", "--dry-run")
+    code, output = call(fresh, "tools.sweep", "--dry-run")
     lines = output.strip().splitlines()
     assert code == 0 and len(lines) == 8, output
-    assert lines == [command_line(name, params) for name, params in planned(list(VARIANTS))]
-    assert lines[0] == ("dvc exp run --queue -n final -S 'model.blocks=[2,1,1,1]' -S 'model.widths=[64,128,256,512]' "
-                        "-S train.weight_decay=0.0001")
+    repo_variants = variants(study(fresh / "params.yaml"))  # the study: the repository's params.yaml
+    assert lines == [command_line(name, params) for name, params in planned(list(repo_variants), repo_variants)]
+    assert lines[0] == ("dvc exp run --queue -n final -S 'model.blocks=[2,1,1,1]' -S 'model.widths=[8,16,32,64]' "
+                        "-S train.weight_decay=0.0001 -S train.optimizer=adam -S train.max_lr=0.01 "
+                        "-S train.label_smoothing=0 -S train.flip=random -S train.ema_decay=0 -S train.cutout=0 "
+                        "-S evaluate.tta=none")
     assert run(fresh, "git", "for-each-ref", "refs/exps") == ""  # no queue entry (a stash commit there)
 
 
@@ -158,12 +169,13 @@ def shown_value(value):
 
 
 def test_the_default_sweep_queues_the_study_s_seven_variants_and_tuned_with_their_exact_params(fresh, call):
-    code, output = call(fresh, "sweep")
+    code, output = call(fresh, "tools.sweep")
     assert code == 0 and "queued 8 experiment(s)" in output, output
     try:
         rows = {row["Experiment"]: row for row in exp_show(repo=str(fresh)) if row.get("Experiment")}
-        assert set(rows) == set(VARIANTS) and {row["State"] for row in rows.values()} == {"Queued"}
-        for name, variant in VARIANTS.items():
+        repo_variants = variants(study(fresh / "params.yaml"))
+        assert set(rows) == set(repo_variants) and {row["State"] for row in rows.values()} == {"Queued"}
+        for name, variant in repo_variants.items():
             shown = {key: rows[name][key] for key in variant}
             assert shown == {key: shown_value(value) for key, value in variant.items()}, name
             assert rows[name]["train.epochs"] == 3  # everything else from params.yaml
@@ -187,7 +199,7 @@ def test_tuned_is_the_study_s_model_with_the_tricks_that_paid_and_the_ladder_add
     for (_, before), (name, after), (trick, keys) in zip(rungs, rungs[1:], TRICKS):
         assert name.endswith(trick) and after == {**before, **keys}
         assert any(before.get(k) != v for k, v in keys.items()), name  # the rung changes something
-    # tuned: the study's recipe with the tricks the measured ladder found paying (README), at the ladder's values
+    # tuned: the study's recipe with the tricks the measured ladder found paying (docs/experiments.md)
     chosen = dict(TRICKS)
     assert TUNED == VARIANTS["tuned"] == {**study, **chosen["sgd-nesterov"], **chosen["label-smoothing"],
                                           **chosen["alternating-flip"], **chosen["flip-tta"]}
@@ -195,26 +207,26 @@ def test_tuned_is_the_study_s_model_with_the_tricks_that_paid_and_the_ladder_add
 
 
 def test_the_ablation_option_queues_the_ladder_scaled_down(fresh, call):
-    code, output = call(fresh, "sweep", "--ablation", "--epochs", "2", "--width-divisor", "4", "-S", "train.seed=1",
-                        "--prefix", "s1-", "--dry-run")
+    code, output = call(fresh, "tools.sweep", "--ablation", "--epochs", "2", "--width-divisor", "2", "-S",
+                        "train.seed=1", "--prefix", "s1-", "--dry-run")
     lines = output.strip().splitlines()
     assert code == 0 and len(lines) == 8, output
     assert lines[1].startswith("dvc exp run --queue -n s1-ablation-1-sgd-nesterov ")
     for line in lines:
-        assert "-S 'model.widths=[16,32,64,128]'" in line and line.endswith("-S train.epochs=2 -S train.seed=1")
+        assert "-S 'model.widths=[4,8,16,32]'" in line and line.endswith("-S train.epochs=2 -S train.seed=1")
     assert "-S evaluate.tta=flip_translate" in lines[-1] and "-S train.optimizer=sgd" in lines[-1]
-    code, output = call(fresh, "sweep", "--ablation", "--only", "ablation-0-study", "ablation-4-ema", "--dry-run")
+    code, output = call(fresh, "tools.sweep", "--ablation", "--only", "ablation-0-study", "ablation-4-ema", "--dry-run")
     assert code == 0 and len(output.strip().splitlines()) == 2, output
-    code, output = call(fresh, "sweep", "--epochs", "0")
+    code, output = call(fresh, "tools.sweep", "--epochs", "0")
     assert code == 1 and "error: --epochs 0: must be an integer >= 1" in output
 
 
 def test_a_name_is_one_experiment_per_commit_and_force_queues_its_replacement(swept, call, tmp_path):
     repo = copy_repo(swept.repo, tmp_path / "repo")
-    code, output = call(repo, "sweep", "--only", "wd-5e-4")
+    code, output = call(repo, "tools.sweep", "--only", "wd-5e-4")
     assert code == 1 and "error: queueing wd-5e-4 failed: " in output, output
     assert "conflicts with existing experiment" in output
-    code, output = call(repo, "sweep", "--only", "wd-5e-4", "--force", "--width-divisor", "8")
+    code, output = call(repo, "tools.sweep", "--only", "wd-5e-4", "--force")
     assert code == 0 and "queued 1 experiment(s)" in output and " --force " in output, output
     assert sorted(queue_rows(repo)) == [("blocks-1111", "Success"), ("wd-5e-4", "Queued"), ("wd-5e-4", "Success")]
     # DVC took it: once run, it replaces the experiment of that name
@@ -234,9 +246,9 @@ def test_exp_show_lists_both_with_their_metrics(swept):
 def test_compare_draws_accuracy_against_size_and_the_curves_and_tabulates_best_first(swept, call, tmp_path):
     repo = swept.repo
     out = tmp_path / "report"
-    code, output = call(repo, "compare", "--out", str(out), "--curves", "blocks-1111", "wd-5e-4")
+    code, output = call(repo, "tools.compare", "--out", str(out), "--curves", "blocks-1111", "wd-5e-4")
     assert code == 0 and "compared 3 experiment(s)" in output, output  # the baseline commit and both
-    for name in ["accuracy_vs_params.png", "val_acc.png"]:
+    for name in ["accuracy_vs_params.png", "epoch_acc.png"]:
         assert (out / name).read_bytes().startswith(PNG), name
     table = (out / "experiments.md").read_text().splitlines()
     assert table[0].startswith("| experiment | rev | blocks | widths |") and len(table) == 5
@@ -249,7 +261,7 @@ def test_compare_draws_accuracy_against_size_and_the_curves_and_tabulates_best_f
     assert accuracies == [round(100 * a, 2) for a in sorted(shown, reverse=True)]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
-    code, output = call(repo, "compare", "--curves", "wd-5e-4", "nope")
+    code, output = call(repo, "tools.compare", "--curves", "wd-5e-4", "nope")
     assert code == 1 and "error: --curves: no experiment with results named nope" in output
 
 
@@ -258,9 +270,9 @@ def test_compare_n_takes_the_experiments_of_earlier_commits(swept, call, tmp_pat
     (repo / "notes.txt").write_text("a later commit\n")
     run(repo, "git", "add", "notes.txt")
     run(repo, "git", "commit", "-qm", "a later commit, without experiments")
-    code, output = call(repo, "compare", "--out", str(tmp_path / "one"))
+    code, output = call(repo, "tools.compare", "--out", str(tmp_path / "one"))
     assert code == 0 and "compared 1 experiment(s)" in output, output  # the new commit's own results alone
-    code, output = call(repo, "compare", "-n", "2", "--out", str(tmp_path / "two"))
+    code, output = call(repo, "tools.compare", "-n", "2", "--out", str(tmp_path / "two"))
     assert code == 0 and "compared 4 experiment(s)" in output, output  # both commits, the 2 experiments
 
 

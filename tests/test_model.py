@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from stages.model import ResNet, build_model, count_parameters, load_model, save_model
-from stages.workspace import UserError
+from cifar.model import ResNet, build_model, count_parameters, load_model, save_model
+from cifar.workspace import UserError
 
 
 @pytest.mark.parametrize("blocks, widths, expected", [

@@ -1,18 +1,23 @@
 """End to end: the real dvc.yaml run by DVC itself in a temporary git repository, on the synthetic archive
 served from 127.0.0.1, with a tiny model (conftest's data_repo and trained_repo, built once per test run).
 Tests that change a repository change their own copy."""
+import re
 from collections import Counter
 
 import pytest
+import torch
 from conftest import TEST_IMAGES, synthetic_batches
-from dvcrepo import dvc, read_json, run, stages_run
+from dvcrepo import copy_repo, dvc, read_json, run, set_params, stages_run
+from recipes import recipe
 
-from stages.cifar10 import channel_stats, load_split
-from stages.model import ResNet, count_parameters
+from cifar.data import channel_stats, load_split
+from cifar.fit import estimate
+from cifar.model import ResNet, count_parameters
+from cifar.resume import Progress
 
 OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/model.pt", "models/summary.txt",
            "metrics/train/metrics.json", "metrics/train/run.json", "metrics/train/plots/metrics/train/loss.tsv",
-           "metrics/train/plots/metrics/val/acc.tsv", "metrics/train/plots/metrics/lr.tsv",
+           "metrics/train/plots/metrics/test/acc.tsv", "metrics/train/plots/metrics/lr.tsv",
            "metrics/evaluate/metrics.json", "metrics/evaluate/per_class.json", "metrics/evaluate/confusion.json",
            "plots/loss.png", "plots/accuracy.png", "plots/lr.png", "plots/confusion.png",
            "plots/per_class_accuracy.png"]
@@ -39,12 +44,12 @@ def test_the_tiny_model_learns_and_every_metric_is_consistent(trained_repo):
     assert train["step"] == 3 and run_metrics["images_per_s"] > 0 and run_metrics["wall_time_s"] > 0
     assert run_metrics["params"] == TINY_PARAMS == count_parameters(ResNet([2, 1, 1, 1], [8, 16, 32, 64]))
     assert test["accuracy"] > 0.5, f"test accuracy {test['accuracy']}: chance is 0.1"
-    assert test["accuracy"] == pytest.approx(train["val"]["acc"], abs=1e-6)  # the final model, not a best epoch
-    assert test["loss"] == pytest.approx(train["val"]["loss"], rel=1e-5)
+    assert test["accuracy"] == pytest.approx(train["test"]["acc"], abs=1e-6)  # the final model, not a best epoch
+    assert test["loss"] == pytest.approx(train["test"]["loss"], rel=1e-5)
     assert test["without_tta"] == {"accuracy": test["accuracy"], "loss": test["loss"]}  # evaluate.tta: none
-    val_acc = [float(line.split("\t")[-1]) for line in
-               (repo / "metrics/train/plots/metrics/val/acc.tsv").read_text().splitlines()[1:]]
-    assert train["best_val_acc"] == pytest.approx(max(val_acc))
+    test_acc = [float(line.split("\t")[-1]) for line in
+               (repo / "metrics/train/plots/metrics/test/acc.tsv").read_text().splitlines()[1:]]
+    assert train["best_test_acc"] == pytest.approx(max(test_acc))
 
     # per-class accuracy is what the confusion records say, and their total is the test accuracy
     confusion = read_json(repo, "metrics/evaluate/confusion.json")
@@ -70,3 +75,36 @@ def test_stats_are_the_synthetic_training_sets_channel_statistics(trained_repo, 
 def test_a_second_repro_runs_nothing(trained_repo):
     assert stages_run(dvc(trained_repo.repo, "repro")) == set()
     assert "up to date" in dvc(trained_repo.repo, "status")
+
+
+def test_training_prints_each_epochs_time_and_after_the_first_an_estimate_of_the_run(trained_repo):
+    output = trained_repo.output
+    assert re.search(r"epoch 1/3 \(\d+ s\): train loss", output) and re.search(r"epoch 3/3 \(\d+ s\)", output)
+    assert re.search(r"first epoch \d+ s: the remaining 2 epoch\(s\) take about \d+ s", output)
+    assert "run: 100%" in output  # the whole run's bar, beside each epoch's batches
+    assert "A quick run" not in output  # seconds, not hours
+
+
+@pytest.mark.parametrize("seconds, epochs, says, hint", [(100, 70, "about 1.9 h", True),
+                                                          (30, 70, "about 34 min", False), (2, 3, "about 4 s", False)])
+def test_the_estimate_points_to_the_quick_run_past_an_hour_on_a_cpu(capsys, seconds, epochs, says, hint):
+    progress = Progress(epochs, finished=1, last_epoch_seconds=seconds)
+    estimate(progress, recipe(epochs=epochs), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert f"first epoch {seconds} s: the remaining {epochs - 1} epoch(s) take {says}" in out
+    assert ("README.md's 'A quick run'" in out) == hint
+    estimate(progress, recipe(epochs=epochs), torch.device("cuda"))
+    assert "A quick run" not in capsys.readouterr().out  # a GPU's hour is the run the user asked for
+
+
+def test_evaluate_runs_on_the_device_system_device_chooses(trained_repo, tmp_path, stage, monkeypatch):
+    """With a GPU seemingly present, system.device cpu keeps evaluate on the CPU, as it keeps train: one
+    device choice for every stage (choose_device). Scoring on CUDA here would fail."""
+    repo = copy_repo(trained_repo.repo, tmp_path / "repo")
+    set_params(repo, system__device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    ran = stage(repo, "evaluate")
+    assert ran.code == 0 and "images on cpu" in ran.out, ran.output
+    assert read_json(repo, "metrics/evaluate/metrics.json") == read_json(trained_repo.repo,
+                                                                       "metrics/evaluate/metrics.json")

@@ -1,22 +1,20 @@
 """Precision per device: what `auto` picks on each GPU generation and on CPUs (the hardware's answers
 monkeypatched), errors for a precision the device does not compute natively, and fp16's loss scaling
 through a training step, clipping, the checkpoint and a resumed run, all on the CPU."""
-from dataclasses import replace
 
 import pytest
 import torch
+from recipes import changed, recipe
 
-from stages.distributed import Context
-from stages.model import ResNet
-from stages.params import Recipe
-from stages.precision import evaluation_precision, native_precisions, resolve_precision
-from stages.resume import Progress, load_checkpoint, save_checkpoint
-from stages.training import Data, make_trainer, train_epoch
-from stages.workspace import UserError
+from cifar.distributed import Context
+from cifar.model import ResNet
+from cifar.precision import evaluation_precision, native_precisions, resolve_precision
+from cifar.resume import Progress, load_checkpoint, save_checkpoint
+from cifar.training import Data, make_trainer, train_epoch
+from cifar.workspace import UserError
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
-RECIPE = Recipe(epochs=2, batch_size=20, max_lr=0.01, warmup_fraction=0.3, weight_decay=1e-4, grad_clip=0.1,
-                seed=0, precision="fp16", nproc=1, nnodes=1, sync_bn=False)
+RECIPE = recipe(epochs=2, batch_size=20, precision="fp16")
 
 
 @pytest.fixture
@@ -81,7 +79,7 @@ def tiny_trainer(recipe, data):
 
 
 def test_fp16_autocasts_scales_the_loss_and_clips_the_unscaled_gradients():
-    recipe = replace(RECIPE, epochs=1, grad_clip=1e-3)
+    recipe = changed(RECIPE, epochs=1, grad_clip=1e-3)
     data = tiny_data()
     trainer = tiny_trainer(recipe, data)
     dtypes = []
@@ -95,7 +93,7 @@ def test_fp16_autocasts_scales_the_loss_and_clips_the_unscaled_gradients():
     grads = [p.grad for p in trainer.model.parameters()]
     assert max(g.abs().max().item() for g in grads) <= bound
     assert sum((g.abs() == bound).sum().item() for g in grads) > 0
-    assert not tiny_trainer(replace(recipe, precision="fp32"), data).scaler.is_enabled()
+    assert not tiny_trainer(changed(recipe, precision="fp32"), data).scaler.is_enabled()
 
 
 def test_a_resumed_fp16_run_continues_exactly_with_its_loss_scale(tmp_path):

@@ -25,8 +25,8 @@ from dvcrepo import (
     training_results,
 )
 
-from stages import train
-from stages.training import train_epoch
+from cifar import fit
+from cifar.training import train_epoch
 
 EPOCHS = 3  # the test repositories' train.epochs
 
@@ -95,7 +95,7 @@ def test_sigint_mid_epoch_stops_at_once_and_a_checkpoint_of_other_params_is_igno
         return train_epoch(trainer, data, recipe, context, desc)
 
     with monkeypatch.context() as patched:
-        patched.setattr(train, "train_epoch", epoch_with_sigint)
+        patched.setattr(fit, "train_epoch", epoch_with_sigint)
         ran = stage(repo, "train")
     assert_stopped_at_once(repo, ran.code, ran.err, signal.SIGINT, 1)
     set_params(repo, model__blocks=[1, 1, 1, 1])
@@ -133,8 +133,8 @@ def test_a_run_with_every_trick_killed_mid_training_resumes_to_the_uninterrupted
     # the saved model is the EMA, which every epoch validated: evaluate scores it as the last epoch did
     assert stage(killed, "evaluate").code == 0
     test, last = read_json(killed, "metrics/evaluate/metrics.json"), read_json(killed, "metrics/train/metrics.json")
-    assert test["without_tta"]["accuracy"] == pytest.approx(last["val"]["acc"], abs=1e-6)
-    assert test["without_tta"]["loss"] == pytest.approx(last["val"]["loss"], rel=1e-5)
+    assert test["without_tta"]["accuracy"] == pytest.approx(last["test"]["acc"], abs=1e-6)
+    assert test["without_tta"]["loss"] == pytest.approx(last["test"]["loss"], rel=1e-5)
     assert test["loss"] != pytest.approx(test["without_tta"]["loss"], rel=1e-4)  # the 6 views' mean logits
 
 

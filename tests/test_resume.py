@@ -6,12 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from recipes import changed, recipe
 
-from stages import resume
-from stages.resume import fingerprint
+from cifar import resume
+from cifar.resume import fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+MODEL, RECIPE = PARAMS["model"], recipe(precision="fp32")
 CPU = torch.device("cpu")
 
 
@@ -28,21 +30,15 @@ def run_folder(tmp_path, monkeypatch):
     for path in code:
         path.write_text(f"# {path.name}\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(resume, "code_of", lambda module: code if module == "train" else [])
+    monkeypatch.setattr(resume, "code_of", lambda script: code if script == "stages/train.py" else [])
     return tmp_path
 
 
-def with_value(section, key, value):
-    params = copy.deepcopy(PARAMS)
-    params[section][key] = value
-    return params
-
-
 @pytest.mark.parametrize("change", ["a batch", "the test batch", "stats", "code", "device type", "train param",
-                                    "model param"])
+                                    "model param", "resolved precision"])
 def test_the_fingerprint_changes_with_data_stats_code_device_and_recipe(run_folder, change):
-    before = fingerprint(PARAMS, CPU)
-    params, device = PARAMS, CPU
+    before = fingerprint(MODEL, RECIPE, CPU)
+    model, train, device = MODEL, RECIPE, CPU
     if change == "a batch":
         (run_folder / "data/cifar-10-batches-py/data_batch_1").write_bytes(b"batch 1")
     elif change == "the test batch":
@@ -54,26 +50,53 @@ def test_the_fingerprint_changes_with_data_stats_code_device_and_recipe(run_fold
     elif change == "device type":
         device = torch.device("cuda")  # the RNG states a checkpoint holds are the device's
     elif change == "train param":
-        params = with_value("train", "max_lr", 0.02)
-    else:
-        params = with_value("model", "widths", [32, 64, 128, 256])
-    assert fingerprint(params, device) != before
+        train = changed(RECIPE, max_lr=0.02)
+    elif change == "model param":
+        model = {**MODEL, "widths": [32, 64, 128, 256]}
+    else:  # `auto` resolved to bf16 on one GPU and fp16 on another (compute capability 7.x)
+        before, train = fingerprint(MODEL, changed(RECIPE, precision="bf16"), CPU), changed(RECIPE, precision="fp16")
+    assert fingerprint(model, train, device) != before
 
 
 def test_the_fingerprint_ignores_the_system_section_and_is_stable(run_folder):
-    before = fingerprint(PARAMS, CPU)
-    assert fingerprint(copy.deepcopy(PARAMS), CPU) == before
-    for key, value in [("master_port", 29999), ("master_addr", "10.0.0.1"), ("compile", True)]:
-        assert fingerprint(with_value("system", key, value), CPU) == before, key
-    assert fingerprint(PARAMS, torch.device("cuda", 1)) == fingerprint(PARAMS, torch.device("cuda", 0))
+    """The system section never reaches it (the train stage passes the model and train sections alone), and
+    the GPU's index does not count, only the device type."""
+    before = fingerprint(MODEL, RECIPE, CPU)
+    assert fingerprint(copy.deepcopy(MODEL), recipe(precision="fp32"), CPU) == before
+    assert fingerprint(MODEL, RECIPE, torch.device("cuda", 1)) == fingerprint(MODEL, RECIPE, torch.device("cuda", 0))
+
+
+def test_the_fingerprint_refuses_an_unresolved_precision(run_folder):
+    with pytest.raises(ValueError, match="resolve the recipe's precision"):
+        fingerprint(MODEL, changed(RECIPE, precision="auto"), CPU)
+
+
+def test_the_train_stage_fingerprints_the_precision_its_device_resolves(monkeypatch, tmp_path):
+    """A checkpoint written in bf16 under `auto` (a compute-capability-8 GPU) must not resume where `auto`
+    means fp16 (7.x): the train stage hands fit() the recipe with its precision resolved, and fit()
+    fingerprints that recipe."""
+    from stages import train as train_stage
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/stats.json").write_text('{"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_stage, "read_classes", lambda folder: ["a", "b"])
+    handed = []
+    monkeypatch.setattr(train_stage, "fit", lambda model_params, recipe, *rest: handed.append(recipe))
+    for native in ["bf16", "fp16"]:  # the first native precision of each GPU generation
+        monkeypatch.setattr(train_stage, "resolve_precision", lambda asked, device, native=native: native)
+        train_stage.main([])
+    assert [r.precision for r in handed] == ["bf16", "fp16"]
 
 
 def test_the_code_is_the_train_stages_modules_whichever_are_loaded():
     """Read from the imports, not from what this process happens to have loaded: a run resumed in another
     process (or in this one, after importing other stages) finds the same code."""
-    importlib.import_module("stages.compare")  # loaded here, but not the train stage's code
+    importlib.import_module("tools.compare")  # loaded here, but not the train stage's code
 
-    names = {path.name for path in resume.code_of("train")}
-    assert {"__init__.py", "train.py", "training.py", "resume.py", "imports.py", "model.py"} <= names
-    assert not names & {"compare.py", "sweep.py", "bench.py", "evaluate.py", "plot.py"}
-    assert all(path.parent == REPO / "stages" for path in resume.code_of("train"))
+    code = {path.relative_to(REPO).as_posix() for path in resume.code_of("stages/train.py")}
+    assert {"stages/train.py", "cifar/__init__.py", "cifar/training.py", "cifar/fit.py", "cifar/resume.py",
+            "cifar/imports.py", "cifar/model.py"} <= code
+    assert not code & {"tools/compare.py", "tools/sweep.py", "tools/bench.py", "stages/evaluate.py",
+                       "cifar/figures.py"}

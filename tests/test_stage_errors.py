@@ -14,13 +14,13 @@ import pytest
 import torch
 import yaml
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def workdir(tmp_path, archive):
-    shutil.copytree(REPO / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ["stages", "cifar"]:
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["url"], params["data"]["md5"] = archive
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -93,10 +93,24 @@ def test_train_over_the_budget_fails_before_any_work(workdir, run_stage):
     assert files_under(workdir / "models") == [] and files_under(workdir / "metrics") == []
 
 
-def test_an_invalid_param_fails_every_stage_process(workdir):
-    set_param(workdir, "train", "epochs", 0)
-    for stage, (code, stderr) in stage_processes(workdir, ["download", "stats", "train", "evaluate", "plot"]).items():
-        assert stderr == "error: params.yaml: train.epochs = 0 must be an integer >= 1" and code == 1, (stage, stderr)
+@pytest.mark.parametrize("section, key, value, error, readers", [
+    ("train", "epochs", 0, "train.epochs = 0 must be an integer >= 1", ["train"]),
+    ("model", "widths", [8], "model.blocks [2, 1, 1, 1] and model.widths [8] must have the same length (one entry "
+     "per layer)", ["train"]),
+    ("evaluate", "tta", "crops", "evaluate.tta = 'crops' must be one of none, flip, flip_translate", ["evaluate"]),
+    ("system", "device", "gpu", "system.device = 'gpu' must be auto, cpu, cuda or cuda:K (K: a GPU index)",
+     ["train", "evaluate"]),
+])
+def test_an_invalid_param_fails_every_stage_that_reads_it_before_any_work(workdir, section, key, value, error,
+                                                                           readers):
+    """Each stage checks the sections it reads, whole, before any work: a bad value fails exactly those
+    stages, in one line, and leaves download (which reads only `data`) to do its work."""
+    set_param(workdir, section, key, value)
+    for stage, (code, stderr) in stage_processes(workdir, [*readers, "download"]).items():
+        if stage in readers:
+            assert stderr == f"error: params.yaml: {error}" and code == 1, (stage, stderr)
+        else:
+            assert code == 0 and (workdir / "data/cifar-10-batches-py/batches.meta").is_file(), stderr
 
 
 def test_evaluate_without_a_checkpoint(workdir, run_stage):

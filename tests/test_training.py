@@ -1,15 +1,14 @@
 """The training engine: the OneCycle schedule's shape, and a few epochs that learn, reproducibly."""
-from dataclasses import replace
 
 import pytest
 import torch
 from conftest import build_archive, synthetic_batches
+from recipes import changed, recipe
 
-from stages.cifar10 import channel_stats, download, load_split
-from stages.distributed import Context
-from stages.model import ResNet
-from stages.params import Recipe
-from stages.training import (
+from cifar.data import channel_stats, download, load_split
+from cifar.distributed import Context
+from cifar.model import ResNet
+from cifar.training import (
     Data,
     make_optimizer,
     make_scheduler,
@@ -20,13 +19,12 @@ from stages.training import (
     train_epoch,
 )
 
-TRAIN = Recipe(epochs=4, batch_size=50, max_lr=0.01, warmup_fraction=0.3, weight_decay=1e-4, grad_clip=0.1, seed=0,
-               precision="fp32", nproc=1, nnodes=1, sync_bn=False)
+TRAIN = recipe(epochs=4, batch_size=50, precision="fp32")
 CPU = Context(torch.device("cpu"))
 
 
 def test_one_cycle_warms_up_to_max_lr_at_30_percent_then_anneals_to_near_zero():
-    train = replace(TRAIN, epochs=10)
+    train = changed(TRAIN, epochs=10)
     optimizer = make_optimizer(torch.nn.Linear(2, 2), train)
     scheduler = make_scheduler(optimizer, train, steps_per_epoch=100)
     lrs = []
@@ -58,12 +56,12 @@ def synthetic(tmp_path_factory):
 def train_tiny(synthetic, seed, epochs=TRAIN.epochs):
     train, test = synthetic
     torch.manual_seed(seed)
-    recipe = replace(TRAIN, seed=seed, epochs=epochs)
+    recipe = changed(TRAIN, seed=seed, epochs=epochs)
     stats = dict(zip(["mean", "std"], channel_stats(train[0])))
     data = Data.on_device(train, test, stats, CPU.device)
     trainer = make_trainer(ResNet([1, 1, 1, 1], [8, 16, 32, 64]), recipe, CPU, False, len(data.labels))
     history = [train_epoch(trainer, data, recipe, CPU) for _ in range(recipe.epochs)]
-    loss, acc, _ = score(trainer.model, data.test_images, data.test_labels, data.normalize, 100, "fp32")
+    loss, acc, _ = score(trainer.model, data.monitor_images, data.monitor_labels, data.normalize, 100, "fp32")
     return [(epoch_loss.item(), epoch_acc.item()) for epoch_loss, epoch_acc in history], loss.item(), acc.item()
 
 
@@ -77,7 +75,7 @@ def test_a_tiny_model_learns_the_synthetic_classes_reproducibly(synthetic):
 
 def test_bf16_autocasts_the_forward_pass_and_keeps_fp32_weights_and_batchnorm_statistics(synthetic):
     train, test = synthetic
-    recipe = replace(TRAIN, precision="bf16", epochs=1)
+    recipe = changed(TRAIN, precision="bf16", epochs=1)
     data = Data.on_device((train[0][:100], train[1][:100]), test, {"mean": [0.5] * 3, "std": [0.25] * 3}, "cpu")
     trainer = make_trainer(ResNet([1, 1], [8, 16]), recipe, CPU, False, len(data.labels))
     logits_dtypes = []
@@ -102,17 +100,17 @@ def one_step(recipe, seed=0):
 
 
 def test_gradients_are_clipped_by_value_before_the_step():
-    recipe = replace(TRAIN, batch_size=20, epochs=1, grad_clip=1e-3)
+    recipe = changed(TRAIN, batch_size=20, epochs=1, grad_clip=1e-3)
     bound = torch.tensor(1e-3).item()  # 1e-3 as the fp32 gradients hold it
     clipped = [p.grad for p in one_step(recipe).model.parameters()]
     assert max(g.abs().max().item() for g in clipped) <= bound
     assert sum((g.abs() == bound).sum().item() for g in clipped) > 0  # clipping did bite
-    free = [p.grad for p in one_step(replace(recipe, grad_clip=False)).model.parameters()]
+    free = [p.grad for p in one_step(changed(recipe, grad_clip=False)).model.parameters()]
     assert max(g.abs().max().item() for g in free) > 1e-3  # without clipping, some elements are larger
 
 
 def test_adam_gets_the_recipes_weight_decay_and_applies_it():
-    recipe = replace(TRAIN, weight_decay=0.25)
+    recipe = changed(TRAIN, weight_decay=0.25)
     model = torch.nn.Linear(4, 1, bias=False)
     optimizer = make_optimizer(model, recipe)
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["weight_decay"] == 0.25
@@ -125,14 +123,14 @@ def test_adam_gets_the_recipes_weight_decay_and_applies_it():
     assert torch.allclose(model.weight, torch.full_like(model.weight, 1.0 - recipe.max_lr))
     still = torch.nn.Linear(4, 1, bias=False)
     torch.nn.init.constant_(still.weight, 1.0)
-    no_decay = make_optimizer(still, replace(recipe, weight_decay=0.0))
+    no_decay = make_optimizer(still, changed(recipe, weight_decay=0.0))
     still.weight.grad = torch.zeros_like(still.weight)
     no_decay.step()
     assert torch.equal(still.weight, torch.ones_like(still.weight))
 
 
 def test_compiled_step_model_shares_the_saved_model_parameters():
-    model, step_model = prepare_model(ResNet([1], [8]), torch.device("cpu"), compile=True)
+    model, step_model = prepare_model(ResNet([1], [8]), torch.device("cpu"), compiled=True)
     assert step_model is not model and step_model._orig_mod is model
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert prepare_model(ResNet([1], [8]), torch.device("cpu"), compile=False)[1].__class__ is ResNet
+    assert prepare_model(ResNet([1], [8]), torch.device("cpu"), compiled=False)[1].__class__ is ResNet

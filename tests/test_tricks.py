@@ -5,25 +5,24 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from recipes import changed, recipe
 from torch import nn
 
-from stages.augment import cutout, random_crop_flip, reflect_pad, tta_views
-from stages.distributed import Context
-from stages.model import ResNet
-from stages.params import Recipe
-from stages.training import (
+from cifar.augment import cutout, random_crop_flip, reflect_pad, tta_views
+from cifar.distributed import Context
+from cifar.model import ResNet
+from cifar.training import (
     Data,
     epoch_flips,
     make_optimizer,
     make_scheduler,
     make_trainer,
+    monitor_scores,
     score,
     train_epoch,
-    validation_scores,
 )
 
-RECIPE = Recipe(epochs=3, batch_size=20, max_lr=0.01, warmup_fraction=0.3, weight_decay=1e-4, grad_clip=0.1, seed=0,
-                precision="fp32", nproc=1, nnodes=1, sync_bn=False)
+RECIPE = recipe(epochs=3, batch_size=20, precision="fp32")
 CPU = Context(torch.device("cpu"))
 STATS = {"mean": [0.5] * 3, "std": [0.25] * 3}
 
@@ -43,7 +42,7 @@ def tiny_trainer(recipe, data):
 # SGD with Nesterov momentum
 
 def test_sgd_uses_nesterov_momentum_as_asked_and_the_schedule_leaves_it_alone():
-    recipe = replace(RECIPE, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.0, max_lr=0.1)
+    recipe = changed(RECIPE, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.0, max_lr=0.1)
     model = nn.Linear(1, 1, bias=False)
     nn.init.constant_(model.weight, 1.0)
     optimizer = make_optimizer(model, recipe)
@@ -58,10 +57,10 @@ def test_sgd_uses_nesterov_momentum_as_asked_and_the_schedule_leaves_it_alone():
         v = mu * v + 1.0
         w -= lr * (1.0 + mu * v)
         assert model.weight.item() == pytest.approx(w, rel=1e-6)
-    classic = make_optimizer(nn.Linear(1, 1), replace(recipe, nesterov=False))
+    classic = make_optimizer(nn.Linear(1, 1), changed(recipe, nesterov=False))
     assert classic.param_groups[0]["nesterov"] is False
     # OneCycle cycles Adam's beta1 (the study's recipe), but SGD keeps train.momentum throughout
-    scheduler = make_scheduler(optimizer, replace(recipe, epochs=1), steps_per_epoch=10)
+    scheduler = make_scheduler(optimizer, changed(recipe, epochs=1), steps_per_epoch=10)
     for _ in range(10):
         optimizer.step()
         scheduler.step()
@@ -72,7 +71,7 @@ def test_sgd_uses_nesterov_momentum_as_asked_and_the_schedule_leaves_it_alone():
 
 
 def test_sgd_weight_decay_is_l2_on_the_weights():
-    recipe = replace(RECIPE, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.5, max_lr=0.1)
+    recipe = changed(RECIPE, optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.5, max_lr=0.1)
     model = nn.Linear(1, 1, bias=False)
     nn.init.constant_(model.weight, 2.0)
     optimizer = make_optimizer(model, recipe)
@@ -85,7 +84,7 @@ def test_sgd_weight_decay_is_l2_on_the_weights():
 
 def test_the_training_loss_is_label_smoothings_formula():
     data = random_data(20)
-    recipe = replace(RECIPE, epochs=1, label_smoothing=0.2, grad_clip=False)
+    recipe = changed(RECIPE, epochs=1, label_smoothing=0.2, grad_clip=False)
     trainer = tiny_trainer(recipe, data)
     seen = []
     trainer.model.register_forward_hook(lambda module, inputs, output: seen.append(output.detach()))
@@ -105,7 +104,7 @@ def test_the_training_loss_is_label_smoothings_formula():
 def test_the_ema_is_the_hand_computed_average_of_every_step_and_is_the_run_s_model():
     data = random_data(60)
     decay = 0.6
-    recipe = replace(RECIPE, epochs=1, ema_decay=decay)
+    recipe = changed(RECIPE, epochs=1, ema_decay=decay)
     trainer = tiny_trainer(recipe, data)
     states = []  # the weights and buffers after every step
     trainer.optimizer.register_step_post_hook(
@@ -123,14 +122,14 @@ def test_the_ema_is_the_hand_computed_average_of_every_step_and_is_the_run_s_mod
     assert trainer.result is trainer.ema.module and replace(trainer, ema=None).result is trainer.model
 
 
-def test_validation_scores_the_ema_when_it_is_on():
+def test_monitor_scores_the_ema_when_it_is_on():
     data = random_data(60)
-    recipe = replace(RECIPE, epochs=1, ema_decay=0.9)
+    recipe = changed(RECIPE, epochs=1, ema_decay=0.9)
     trainer = tiny_trainer(recipe, data)
     train_epoch(trainer, data, recipe, CPU)
-    loss, _ = validation_scores(trainer, data, recipe, CPU)
-    ema_loss = score(trainer.ema.module, data.test_images, data.test_labels, data.normalize, 20, "fp32")[0]
-    raw_loss = score(trainer.model, data.test_images, data.test_labels, data.normalize, 20, "fp32")[0]
+    loss, _ = monitor_scores(trainer, data, recipe, CPU)
+    ema_loss = score(trainer.ema.module, data.monitor_images, data.monitor_labels, data.normalize, 20, "fp32")[0]
+    raw_loss = score(trainer.model, data.monitor_images, data.monitor_labels, data.normalize, 20, "fp32")[0]
     assert loss.item() == ema_loss.item() != raw_loss.item()
 
 
@@ -162,7 +161,7 @@ def test_a_rank_cuts_its_part_as_one_process_cuts_the_whole_batch():
 
 def test_training_with_cutout_cuts_every_batch():
     data = random_data(20)
-    recipe = replace(RECIPE, epochs=1, cutout=10)
+    recipe = changed(RECIPE, epochs=1, cutout=10)
     trainer = tiny_trainer(recipe, data)
     seen = []
     trainer.model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
@@ -175,7 +174,7 @@ def test_training_with_cutout_cuts_every_batch():
 
 def test_alternating_flip_gives_each_image_the_opposite_flip_in_consecutive_epochs():
     data = random_data(60)
-    recipe = replace(RECIPE, flip="alternating")
+    recipe = changed(RECIPE, flip="alternating")
     trainer = tiny_trainer(recipe, data)
     flips = []
     for _ in range(3):
@@ -225,7 +224,7 @@ class Linear(nn.Module):
 def test_tta_logits_are_the_mean_of_the_views_logits(tta):
     torch.manual_seed(0)
     model, data = Linear(), random_data(20)
-    images, labels = data.test_images, data.test_labels
+    images, labels = data.monitor_images, data.monitor_labels
     loss, accuracy, predictions = score(model, images, labels, data.normalize, 7, "fp32", tta)
     with torch.no_grad():
         logits = torch.stack([model(data.normalize(v)) for v in tta_views(images, tta)]).mean(0)
@@ -248,7 +247,7 @@ class Symmetric(nn.Module):
 def test_a_flip_symmetric_model_gains_nothing_from_flip_tta():
     torch.manual_seed(0)
     model, data = Symmetric(), random_data(20)
-    plain = score(model, data.test_images, data.test_labels, data.normalize, 20, "fp32")
-    flipped = score(model, data.test_images, data.test_labels, data.normalize, 20, "fp32", "flip")
+    plain = score(model, data.monitor_images, data.monitor_labels, data.normalize, 20, "fp32")
+    flipped = score(model, data.monitor_images, data.monitor_labels, data.normalize, 20, "fp32", "flip")
     assert flipped[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
     assert torch.equal(flipped[2], plain[2]) and flipped[1] == plain[1]

@@ -16,31 +16,42 @@ from dvcrepo import (
     stages_run,
 )
 
-from stages import download, evaluate, imports, plot, stats, train
-from stages.params import SCHEMA
+from cifar import imports
+from cifar.augment import EvaluateParams
+from cifar.data import DataParams
+from cifar.devices import System
+from cifar.model import ModelParams
+from cifar.training import Recipe
+from stages import download, evaluate, plot, stats, train
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = DVC_YAML["stages"]
-PACKAGE = REPO / "stages"
+SCHEMAS = {schema.section: schema for schema in [DataParams, ModelParams, Recipe, EvaluateParams, System]}
 
 
-# Code: the stage script and every module of stages/ it imports, transitively (stages.imports reads them)
+# Code: the stage script and every project module it imports, transitively (cifar/imports.py reads them)
 
-def code_of(module_path):
+def code_of(script):
     """The stage's code as paths relative to the repository."""
-    return {p.relative_to(REPO).as_posix() for p in imports.code_of(module_path.stem)}
+    return {p.relative_to(REPO).as_posix() for p in imports.code_of(script)}
 
 
-def stage_module(name):
+def stage_script(name):
     match = re.fullmatch(r"python -m stages\.(\w+)", STAGES[name]["cmd"])
     assert match, f"dvc.yaml stage {name}: cmd {STAGES[name]['cmd']!r} is not `python -m stages.<module>`"
-    return PACKAGE / f"{match.group(1)}.py"
+    return f"stages/{match.group(1)}.py"
+
+
+def test_stages_holds_exactly_the_pipelines_stage_scripts():
+    """`ls stages/` is the pipeline: one script per dvc.yaml stage, nothing else."""
+    assert sorted(p.name for p in (REPO / "stages").iterdir() if p.name != "__pycache__") == \
+        sorted(Path(stage_script(name)).name for name in STAGES)
 
 
 @pytest.mark.parametrize("name", list(STAGES))
 def test_each_stage_depends_on_exactly_the_code_it_runs(name):
-    declared = {dep for dep in STAGES[name]["deps"] if dep.startswith("stages/")}
-    imported = code_of(stage_module(name))
+    declared = {dep for dep in STAGES[name]["deps"] if dep.endswith(".py")}
+    imported = code_of(stage_script(name))
     missing, extra = sorted(imported - declared), sorted(declared - imported)
     assert not missing, f"dvc.yaml stage {name}: deps lack {', '.join(missing)}, which the stage imports"
     assert not extra, f"dvc.yaml stage {name}: deps list {', '.join(extra)}, which the stage never imports"
@@ -48,10 +59,46 @@ def test_each_stage_depends_on_exactly_the_code_it_runs(name):
 
 def test_the_import_scan_follows_imports_through_other_modules():
     """evaluate reaches distributed.py only through training.py: the scan must follow it there."""
-    assert "stages/distributed.py" not in {p.relative_to(REPO).as_posix()
-                                            for p in imports.imported_modules(PACKAGE / "evaluate.py")}
-    assert "stages/distributed.py" in code_of(PACKAGE / "evaluate.py")
-    assert "stages/augment.py" in code_of(PACKAGE / "evaluate.py")
+    assert "cifar/distributed.py" not in {p.relative_to(REPO).as_posix()
+                                          for p in imports.imported_modules(REPO / "stages/evaluate.py")}
+    assert {"cifar/distributed.py", "cifar/augment.py", "cifar/__init__.py"} <= code_of("stages/evaluate.py")
+
+
+def test_the_data_stages_depend_on_no_training_code():
+    for name in ["download", "stats"]:
+        assert not code_of(stage_script(name)) & {"cifar/training.py", "cifar/model.py", "cifar/fit.py"}, name
+
+
+@pytest.mark.parametrize("source, resolves_to", [
+    ("from .data import load_split", {"cifar/__init__.py", "cifar/data.py"}),  # a package runs its __init__.py
+    ("from . import devices", {"cifar/__init__.py", "cifar/devices.py"}),
+    ("from . import sys", {"cifar/__init__.py"}),  # a name cifar/__init__.py defines (it imports sys)
+    ("from cifar.model import ResNet", {"cifar/__init__.py", "cifar/model.py"}),
+    ("import cifar.fit", {"cifar/__init__.py", "cifar/fit.py"}),
+    ("import os.path\nfrom torch import nn", set()),  # not the project's: not followed
+])
+def test_the_import_scan_resolves_each_form_of_import(tmp_path, monkeypatch, source, resolves_to):
+    module = REPO / "cifar" / "_scan_probe.py"
+    module.write_text(source + "\n")
+    try:
+        found = {p.relative_to(REPO).as_posix() for p in imports.imported_modules(module)}
+    finally:
+        module.unlink()
+    assert found == resolves_to
+
+
+@pytest.mark.parametrize("source", ["from .sub.mod import x", "from .nothing import x", "from . import nothing",
+                                    "import cifar.nothing", "from cifar.data import nothing_either\n"
+                                    "from cifar.gone import x"])
+def test_an_import_of_the_projects_code_that_names_no_file_fails_loudly(source):
+    """Skipped, it would drop that code from the stage's deps and the checkpoint fingerprint."""
+    module = REPO / "cifar" / "_scan_probe.py"
+    module.write_text(source + "\n")
+    try:
+        with pytest.raises(imports.UnresolvedImport, match=r"cifar/_scan_probe.py:\d+: .*"):
+            imports.imported_modules(module)
+    finally:
+        module.unlink()
 
 
 # Params: what each stage reads
@@ -81,7 +128,7 @@ def declared_keys(name):
     keys = set()
     for entry in STAGES[name].get("params", []):
         assert isinstance(entry, str), f"dvc.yaml stage {name}: params entry {entry!r} (only params.yaml's are used)"
-        keys |= {f"{entry}.{key}" for key in SCHEMA[entry]} if entry in SCHEMA else {entry}
+        keys |= {f"{entry}.{key}" for key in SCHEMAS[entry].model_fields} if entry in SCHEMAS else {entry}
     return keys
 
 
@@ -89,12 +136,12 @@ def declared_keys(name):
 def reads(tmp_path_factory, archive_dir, monkeypatch_module):
     """Every stage run in-process, in order, in a fresh folder with a tiny recipe: {stage: keys it read}.
 
-    How "reads" is decided: every stage loads params.yaml and checks all of it (load_params, check_params), so
-    that a bad value anywhere fails every stage; that check is not reading. What counts is what the stage does
-    with the checked params afterwards: each key whose value its code takes, directly or by unpacking a
-    section (Recipe.from_params, build_model(**params["model"])). `system` keys are read too, by train, but
-    by definition they never change a result, so no stage declares them (checked below)."""
-    from stages import params as params_module
+    How "reads" is decided: a stage loads and checks the sections it uses (load_params with their schemas);
+    that check is not reading. What counts is what the stage does with the checked params afterwards: each
+    key whose value its code takes, directly or by unpacking a section (Recipe.from_params,
+    build_model(**params["model"])). `system` keys are read too, by train and evaluate, but by definition
+    they never change a result, so no stage declares them (checked below)."""
+    from cifar import params as params_module
 
     folder = tmp_path_factory.mktemp("reads")
     monkeypatch_module.chdir(folder)
@@ -107,7 +154,9 @@ def reads(tmp_path_factory, archive_dir, monkeypatch_module):
     for name, module, args in [("download", download, ()), ("stats", stats, ()), ("train", train, ([],)),
                                ("evaluate", evaluate, ()), ("plot", plot, ())]:
         log = set()
-        monkeypatch_module.setattr(module, "load_params", lambda log=log: Reads(params_module.load_params(), log))
+        if hasattr(module, "load_params"):
+            monkeypatch_module.setattr(module, "load_params",
+                                       lambda *schemas, log=log: Reads(params_module.load_params(*schemas), log))
         module.main(*args)
         found[name] = log
     return found
@@ -127,9 +176,10 @@ def test_each_stage_declares_exactly_the_params_it_reads(reads, name):
     assert not extra, f"dvc.yaml stage {name}: params list {', '.join(extra)}, which the stage never reads"
 
 
-def test_only_train_reads_system_and_no_stage_depends_on_it(reads):
-    assert {key for key in reads["train"] if key.startswith("system.")} == {f"system.{k}" for k in SCHEMA["system"]}
-    assert not any(key.startswith("system.") for name in STAGES if name != "train" for key in reads[name])
+def test_train_and_evaluate_read_system_and_no_stage_depends_on_it(reads):
+    assert {key for key in reads["train"] if key.startswith("system.")} == {f"system.{k}" for k in System.model_fields}
+    assert {key for key in reads["evaluate"] if key.startswith("system.")} == {"system.device"}
+    assert not any(key.startswith("system.") for name in ["download", "stats", "plot"] for key in reads[name])
     assert not any(key.startswith("system") for name in STAGES for key in declared_keys(name))
 
 
@@ -151,6 +201,19 @@ def registered(trained_repo, tmp_path_factory):
     dvc(repo, "push")
     run(repo, str(Path(sys.executable).parent / "gto"), "register", "cifar10-resnet", "--version", "v1.0.0")
     return repo
+
+
+def test_editing_the_training_code_or_its_schema_leaves_the_data_stages_up_to_date(repo):
+    """A new `train` key in the schema, or any edit of the training code, reruns train (and what follows),
+    never download or stats."""
+    training = repo / "cifar/training.py"
+    schema = training.read_text().replace("    flip: one_of(", "    warmup_epochs: integer(0)\n    flip: one_of(")
+    training.write_text(schema)
+    (repo / "cifar/fit.py").write_text((repo / "cifar/fit.py").read_text() + "\n# edited\n")
+    status = dvc(repo, "status")
+    stale = set(re.findall(r"^(\w+):", status, re.MULTILINE))
+    assert stale == {"train", "evaluate"}, status  # evaluate runs training.py's scoring: it is its code too
+    assert "cifar/training.py" in status and "download" not in status and "stats" not in status
 
 
 def test_changing_where_the_run_executes_reruns_nothing(repo):

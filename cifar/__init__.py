@@ -1,5 +1,5 @@
-"""The pipeline's stages (one module each, run by dvc.yaml as `python -m stages.<name>`) and the modules they
-share. Python 3.11 or newer: the stages use hashlib.file_digest and `X | Y` annotations."""
+"""The pipeline's library: plain functions the stages (stages/, run by dvc.yaml) and the tools (tools/) call,
+and the tests call without DVC. Python 3.11 or newer: it uses hashlib.file_digest and `X | Y` annotations."""
 import sys
 
 if sys.version_info < (3, 11):  # before any module that needs 3.11 is imported: one line, not a traceback

@@ -11,7 +11,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .workspace import UserError, atomic_path  # noqa: E402
+from .workspace import (  # noqa: E402
+    CONFUSION_FILE,
+    CURVES_DIR,
+    PER_CLASS_FILE,
+    PLOTS_DIR,
+    UserError,
+    atomic_path,
+    read_json,
+)
 
 
 def read_curve(path):
@@ -83,6 +91,32 @@ def plot_per_class(accuracy, path):
     _save(fig, path)
 
 
+def run_figures(curves_dir=CURVES_DIR, per_class_file=PER_CLASS_FILE, confusion_file=CONFUSION_FILE):
+    """The plot stage's figures: {file name: (the function that draws it, what it is given to draw)}. The
+    per-epoch scores are the test set's, or the held-out validation images' where the run had them."""
+    split = "validation" if (Path(curves_dir) / "validation" / "acc.tsv").is_file() else "test"
+    curve = {name: read_curve(Path(curves_dir) / f"{name}.tsv")
+             for name in ["train/loss", f"{split}/loss", "train/acc", f"{split}/acc", "lr"]}
+    per_class = {row["class"]: row["accuracy"] for row in read_json(per_class_file, "evaluate")}
+    classes = list(per_class)
+    return {
+        "loss.png": (plot_curves, {"train": curve["train/loss"], split: curve[f"{split}/loss"]}, "cross-entropy loss"),
+        "accuracy.png": (plot_curves, {"train": curve["train/acc"], split: curve[f"{split}/acc"]}, "accuracy"),
+        "lr.png": (plot_curves, {"learning rate": curve["lr"]}, "learning rate (end of epoch)"),
+        "confusion.png": (plot_confusion, confusion_counts(read_json(confusion_file, "evaluate"), classes), classes),
+        "per_class_accuracy.png": (plot_per_class, per_class),
+    }
+
+
+def draw_all(plots_dir=PLOTS_DIR):
+    """Draw the plot stage's figures into plots_dir; returns their paths."""
+    written = []
+    for name, (draw, *inputs) in run_figures().items():
+        draw(*inputs, Path(plots_dir) / name)
+        written.append(Path(plots_dir) / name)
+    return written
+
+
 def _count(x, _position=None):
     """Tick label of a parameter count: 50k, 1M, 2.5M."""
     return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x >= 1e3 else f"{x:g}"
@@ -110,7 +144,7 @@ def plot_accuracy_vs_params(points, path):
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("parameters (log scale)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("test accuracy against model size (labels: blocks per stage × widths)", fontsize=10)
+    ax.set_title("test accuracy against model size (labels: blocks per layer × widths)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     ax.margins(y=0.1)

@@ -1,4 +1,4 @@
-"""Training-speed benchmark: python -m stages.bench [--params FILE] [--steps N] [--batch-size B] [...]
+"""Training-speed benchmark: python -m tools.bench [--params FILE] [--steps N] [--batch-size B] [...]
 
 Measures, in one run on one machine, with the same model, batch, optimizer and clipping:
   1. project:   the train stage's own step (training.train_epoch: on-device uint8 data, batched crop/flip,
@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,13 +28,14 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from . import training
-from .distributed import Context
-from .model import ResNet
-from .params import PARAMS_FILE, Recipe, System, load_params
-from .precision import DTYPES, autocast, resolve_precision
-from .training import PAD, make_scheduler, pick_device, prepare_model
-from .workspace import run
+from cifar import training
+from cifar.devices import System, choose_device
+from cifar.distributed import Context
+from cifar.model import ModelParams, ResNet
+from cifar.params import PARAMS_FILE, load_params
+from cifar.precision import DTYPES, autocast, resolve_precision
+from cifar.training import PAD, Recipe, make_optimizer, make_scheduler, prepare_model
+from cifar.workspace import command
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -66,18 +67,19 @@ def project_runner(bench, device):
     recipe = bench.recipe
     context = Context(device)
     # one batch per epoch and an epoch per step, so OneCycle spans exactly the steps the benchmark runs
-    trainer = training.make_trainer(ResNet(bench.blocks, bench.widths), replace(recipe, epochs=total_steps(bench)),
-                                    context, bench.compile, num_images=recipe.batch_size)
+    trainer = training.make_trainer(ResNet(bench.blocks, bench.widths),
+                                    recipe.model_copy(update={"epochs": total_steps(bench)}), context, bench.compiled,
+                                    num_images=recipe.batch_size)
     images = random_images(recipe.batch_size * bench.steps)
     labels = torch.randint(0, 10, (len(images),), generator=torch.Generator().manual_seed(1))
     data = training.Data.on_device((images, labels), (images[:1], labels[:1]), {"mean": MEAN, "std": STD}, device)
 
-    def run(steps):
+    def train_steps(steps):
         n = recipe.batch_size * steps
         part = replace(data, padded=data.padded[:n], labels=data.labels[:n])
-        loss, _ = training.train_epoch(trainer, part, replace(recipe, epochs=1), context, desc="project")
+        loss, _ = training.train_epoch(trainer, part, recipe.model_copy(update={"epochs": 1}), context, desc="project")
         loss.item()  # the epoch's one host sync
-    return run
+    return train_steps
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -105,11 +107,11 @@ def reference_runner(bench, device):
                                          num_workers=bench.workers, persistent_workers=bench.workers > 0,
                                          pin_memory=device.type == "cuda")
     model = ResNet(bench.blocks, bench.widths).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.max_lr, weight_decay=recipe.weight_decay)
-    scheduler = make_scheduler(optimizer, replace(recipe, epochs=total_steps(bench)), steps_per_epoch=1)
+    optimizer = make_optimizer(model, recipe)  # the recipe's: Adam or SGD, as the project's loop
+    scheduler = make_scheduler(optimizer, recipe.model_copy(update={"epochs": total_steps(bench)}), steps_per_epoch=1)
     model.train()
 
-    def run(steps):
+    def train_steps(steps):
         for _, (x, y) in zip(range(steps), loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
@@ -120,27 +122,27 @@ def reference_runner(bench, device):
             optimizer.step()
             scheduler.step()
             loss.item()
-    return run
+    return train_steps
 
 
 def ceiling_runner(bench, device):
     """Runs `steps` forward + backward + optimizer steps on one preloaded, normalized batch: no data work,
     no clipping, no schedule; channels_last, the project's precision, compiled if asked."""
     recipe = bench.recipe
-    model, step_model = prepare_model(ResNet(bench.blocks, bench.widths), device, bench.compile)
-    optimizer = training.make_optimizer(model, recipe)
+    model, step_model = prepare_model(ResNet(bench.blocks, bench.widths), device, bench.compiled)
+    optimizer = make_optimizer(model, recipe)
     x = torch.randn(recipe.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (recipe.batch_size,), device=device)
     model.train()
 
-    def run(steps):
+    def train_steps(steps):
         for _ in range(steps):
             with autocast(device, recipe.precision):
                 loss = F.cross_entropy(step_model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return run
+    return train_steps
 
 
 def flops_per_image(bench, device):
@@ -199,7 +201,7 @@ def measure(bench, device):
 
 def parse_args(argv):
     """The command line over params.yaml's recipe: options left out take the file's values."""
-    parser = argparse.ArgumentParser(prog="python -m stages.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(PARAMS_FILE), help="the params file (default params.yaml)")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per mode and round (default 5)")
@@ -209,19 +211,20 @@ def parse_args(argv):
     parser.add_argument("--blocks", type=int, nargs="+", help="default: model.blocks")
     parser.add_argument("--widths", type=int, nargs="+", help="default: model.widths")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="default: train.precision")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+    parser.add_argument("--compile", dest="compiled", action=argparse.BooleanOptionalAction,
                         help="torch.compile the project's and the ceiling's model (default: system.compile)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers of the reference loop (default: min(4, CPUs))")
     parser.add_argument("--profile", action="store_true",
                         help="also print, to stderr, torch.profiler's table of the top operators of one project step")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = load_params(ModelParams, Recipe, System, path=args.params)
     overrides = {"batch_size": args.batch_size, "precision": args.precision}
-    args.recipe = replace(Recipe.from_params(params), **{k: v for k, v in overrides.items() if v is not None})
+    args.recipe = Recipe.from_params(params).model_copy(update={k: v for k, v in overrides.items() if v is not None})
     args.blocks = args.blocks or params["model"]["blocks"]
     args.widths = args.widths or params["model"]["widths"]
-    args.compile = System.from_params(params).compile if args.compile is None else args.compile
+    args.compiled = params["system"]["compile"] if args.compiled is None else args.compiled
+    args.device = params["system"]["device"]
     if len(args.blocks) != len(args.widths) or min(args.steps, args.warmup, args.rounds, args.recipe.batch_size) < 1:
         parser.error("--blocks and --widths need the same length; "
                      "--steps, --warmup, --rounds and --batch-size must be >= 1")
@@ -230,9 +233,9 @@ def parse_args(argv):
 
 def main(argv=None):
     bench = parse_args(argv)
-    device = pick_device()
+    device, _claim = choose_device(bench.device)  # system.device, as the stages choose it
     torch.backends.cudnn.benchmark = True
-    bench.recipe = replace(bench.recipe, precision=resolve_precision(bench.recipe.precision, device))
+    bench.recipe = bench.recipe.model_copy(update={"precision": resolve_precision(bench.recipe.precision, device)})
     torch.manual_seed(0)
     np.random.seed(0)
     rates = measure(bench, device)
@@ -244,7 +247,7 @@ def main(argv=None):
     else:
         name, capability = f"cpu ({torch.get_num_threads()} threads)", torch.backends.cpu.get_cpu_capability()
     result = {
-        "device": name, "capability": capability, "precision": bench.recipe.precision, "compile": bench.compile,
+        "device": name, "capability": capability, "precision": bench.recipe.precision, "compile": bench.compiled,
         "torch": torch.__version__, "blocks": bench.blocks, "widths": bench.widths,
         "batch_size": bench.recipe.batch_size, "steps": bench.steps, "rounds": bench.rounds,
         **{f"{mode}_images_per_s": round(rate, 1) for mode, rate in rates.items()},
@@ -255,7 +258,7 @@ def main(argv=None):
         **{f"{mode}_tflop_per_s": round(rate * flops / 1e12, 4) for mode, rate in rates.items()},
         "matmul_tflop_per_s": round(peak / 1e12, 4),
         **{f"{mode}_mfu": round(rate * flops / peak, 4) for mode, rate in rates.items()},
-        "recipe": asdict(bench.recipe),
+        "recipe": bench.recipe.model_dump(),
     }
     if bench.profile:
         print(profile_step(bench, device), file=sys.stderr)
@@ -264,4 +267,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    command(main)

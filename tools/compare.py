@@ -1,11 +1,12 @@
-"""Compare the DVC experiments of the current commit: `python -m stages.compare [--out DIR] [--curves NAME ...]`.
+"""Compare the DVC experiments of the current commit: `python -m tools.compare [--out DIR] [--curves NAME ...]`.
 
 Reads every experiment through DVC's Python API (dvc.api.exp_show for the table, dvc.api.read for each
-experiment's validation curve) and writes, to --out (default reports/):
+experiment's per-epoch accuracy curve) and writes, to --out (default reports/):
   experiments.md          one row per experiment with results: shape, weight decay, parameters, accuracy, time
   accuracy_vs_params.png  test accuracy against parameter count, every experiment
-  val_acc.png             the validation-accuracy curves of the chosen experiments (--curves; default all)
-and, when the experiments hold an ablation ladder (python -m stages.sweep --ablation):
+  epoch_acc.png           the per-epoch accuracy curves of the chosen experiments (--curves; default all): on the
+                          test set, or on the held-out validation images where a run had them
+and, when the experiments hold an ablation ladder (python -m tools.sweep --ablation):
   ablation.md             each rung's test accuracy and its gain over the rung before
   ablation.png            the same as a bar chart (ablation-PREFIX.png for a ladder queued with --prefix)"""
 import argparse
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from .figures import parse_curve, plot_ablation, plot_accuracy_vs_params, plot_curves
-from .workspace import CURVES_DIR, RUN_METRICS_FILE, TEST_METRICS_FILE, UserError, run, write_text
+from cifar.figures import parse_curve, plot_ablation, plot_accuracy_vs_params, plot_curves
+from cifar.workspace import CURVES_DIR, RUN_METRICS_FILE, TEST_METRICS_FILE, UserError, command, write_text
 
 RUN_METRICS = str(RUN_METRICS_FILE)
 TEST_METRICS = str(TEST_METRICS_FILE)
-VAL_ACC = (CURVES_DIR / "val" / "acc.tsv").as_posix()
+# the per-epoch accuracy: on the held-out validation images where the run had them, else on the test set
+EPOCH_ACC = {split: (CURVES_DIR / split / "acc.tsv").as_posix() for split in ["validation", "test"]}
 OUT_DIR = Path("reports")
 
 # record key -> (file, column) in exp_show's rows
@@ -70,22 +72,22 @@ def _number(value, fmt):
 
 def markdown_table(records):
     header = ["experiment", "rev", "blocks", "widths", "weight decay", "epochs", "parameters", "test accuracy",
-              "best val accuracy", "train time (s)", "images/s"]
+              "best epoch accuracy", "train time (s)", "images/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(records, key=lambda r: -r["accuracy"]):
         cells = [r["name"], r["rev"], str(r["blocks"]), str(r["widths"]), _number(r["weight_decay"], "g"),
                  _number(r["epochs"], "d"), f"{r['params']:,}", f"{r['accuracy']:.2%}",
-                 _number(r.get("best_val_acc"), ".2%"), _number(r["wall_time_s"], ".0f"),
+                 _number(r.get("best_epoch_acc"), ".2%"), _number(r["wall_time_s"], ".0f"),
                  _number(r["images_per_s"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-RUNG = re.compile(r"(?P<prefix>.*?)ablation-(?P<index>\d+)-(?P<rung>.+)")  # stages.sweep's ladder names
+RUNG = re.compile(r"(?P<prefix>.*?)ablation-(?P<index>\d+)-(?P<rung>.+)")  # tools.sweep's ladder names
 
 
 def ablations(records):
-    """{prefix: [rung record, ...] in ladder order} of the experiments named as stages.sweep names the
+    """{prefix: [rung record, ...] in ladder order} of the experiments named as tools.sweep names the
     ladder's rungs (PREFIX + ablation-K-TRICK), each with its gain over the rung before it (or, where that
     one has no results, over the nearest earlier one that has: `gain_over` names it)."""
     ladders = {}
@@ -132,14 +134,19 @@ def write_ablations(ladders, out_dir):
     return charts
 
 
-def read_val_curve(rev):
+def read_epoch_curve(rev):
+    """(split, (epochs, accuracy)) of an experiment's per-epoch accuracy curve."""
     import dvc.api
-    from dvc.exceptions import DvcException
+    from dvc.exceptions import DvcException, PathMissingError
 
-    try:
-        return parse_curve(dvc.api.read(VAL_ACC, rev=rev), "acc")
-    except (DvcException, FileNotFoundError, KeyError, ValueError) as e:
-        raise UserError(f"{VAL_ACC} at {rev}: not readable ({type(e).__name__}: {e})".splitlines()[0])
+    for split, path in EPOCH_ACC.items():
+        try:
+            return split, parse_curve(dvc.api.read(path, rev=rev), "acc")
+        except (FileNotFoundError, PathMissingError):
+            continue
+        except (DvcException, KeyError, ValueError) as e:
+            raise UserError(f"{path} at {rev}: not readable ({type(e).__name__}: {e})".splitlines()[0])
+    raise UserError(f"{' or '.join(EPOCH_ACC.values())} at {rev}: missing")
 
 
 def load_rows(num):
@@ -159,7 +166,7 @@ def compare(out_dir=OUT_DIR, curves=None, num=1):
     """Write the table and both figures to out_dir; returns the experiment records."""
     records, pending = experiments(load_rows(num))
     if not records:
-        raise UserError("no experiment with results yet: queue some (python -m stages.sweep), run them "
+        raise UserError("no experiment with results yet: queue some (python -m tools.sweep), run them "
                         "(dvc queue start), and check them (dvc queue status)" +
                         (f"; without results: {', '.join(pending)}" if pending else ""))
     by_name = {r["name"]: r for r in records}
@@ -167,13 +174,15 @@ def compare(out_dir=OUT_DIR, curves=None, num=1):
     if unknown:
         raise UserError(f"--curves: no experiment with results named {', '.join(unknown)} "
                         f"(known: {', '.join(by_name)})")
-    val_acc = {r["name"]: read_val_curve(r["rev"]) for r in records}
+    epoch_acc = {r["name"]: read_epoch_curve(r["rev"]) for r in records}
     for r in records:
-        r["best_val_acc"] = max(val_acc[r["name"]][1], default=None)
+        r["best_epoch_acc"] = max(epoch_acc[r["name"]][1][1], default=None)
+    splits = {split for split, _ in epoch_acc.values()}
     out_dir = Path(out_dir)
     write_text(out_dir / "experiments.md", markdown_table(records))
     plot_accuracy_vs_params(records, out_dir / "accuracy_vs_params.png")
-    plot_curves({name: val_acc[name] for name in curves or by_name}, "validation accuracy", out_dir / "val_acc.png")
+    plot_curves({name: epoch_acc[name][1] for name in curves or by_name}, f"{' or '.join(sorted(splits))} accuracy",
+                out_dir / "epoch_acc.png")
     ladders = ablations(records)
     if ladders:
         print(f"ablation: wrote {out_dir}/ablation.md, {', '.join(write_ablations(ladders, out_dir))}")
@@ -183,18 +192,18 @@ def compare(out_dir=OUT_DIR, curves=None, num=1):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m stages.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(OUT_DIR), help=f"folder for the report (default {OUT_DIR}/)")
-    parser.add_argument("--curves", nargs="+", metavar="NAME", help="experiments whose validation curves to "
-                        "overlay (default: all)")
+    parser.add_argument("--curves", nargs="+", metavar="NAME", help="experiments whose per-epoch accuracy "
+                        "curves to overlay (default: all)")
     parser.add_argument("-n", "--num", type=int, default=1,
                         help="experiments of the last N commits, as dvc exp show -n (default 1; -1: all)")
     args = parser.parse_args(argv)
     records = compare(args.out, args.curves, args.num)
     print(f"compared {len(records)} experiment(s): wrote {args.out}/experiments.md, accuracy_vs_params.png, "
-          "val_acc.png")
+          "epoch_acc.png")
 
 
 if __name__ == "__main__":
-    run(main)
+    command(main)

@@ -5,6 +5,14 @@ The data set stays uint8 on the device; it is reflect-padded once, and every bat
 and normalized there, each image with its own random offsets and flip."""
 import torch
 
+from .params import Section, one_of
+
+
+class EvaluateParams(Section):
+    """The `evaluate` section: the test-time augmentation the evaluate stage scores with (tta_views)."""
+    section = "evaluate"
+    tta: one_of("none", "flip", "flip_translate")
+
 
 def reflect_pad(images, pad):
     """Reflect-pad uint8 images [N, C, H, W] by `pad` pixels per side, by indexing (works for any dtype)."""

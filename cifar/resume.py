@@ -22,14 +22,17 @@ CHECKPOINT_FILE = Path("models/checkpoint.pt")
 
 @dataclass
 class Progress:
-    """How far a run of `epochs` epochs has come: the finished epochs' rows (as logged), the best validation
-    accuracy so far, and the seconds spent training (the epochs alone) and in all (validation and saving too)."""
+    """How far a run of `epochs` epochs has come: the finished epochs' rows (as logged), the best per-epoch
+    accuracy so far (on the images every epoch is scored on), and the seconds spent training (the epochs
+    alone) and in all (scoring and saving too)."""
     epochs: int
     finished: int = 0  # epochs finished and saved
     history: list = field(default_factory=list)
-    best_val_acc: float = 0.0
+    best_acc: float = 0.0
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
+    last_epoch_seconds: float = 0.0
+    first_epoch: int = 1  # this process's first epoch (after a resume, not 1), after which it estimates the run
 
     def stop_message(self):
         """Where a stopped run stands, for the message of StopSignals."""
@@ -37,14 +40,18 @@ class Progress:
         return f"after epoch {self.finished}/{self.epochs}; {resume}"
 
 
-def fingerprint(params, device):
-    """What a checkpoint must share with this run to be resumed: the model and train params (not `system`:
-    it never changes what is computed), the device type (RNG states differ between CPU and CUDA), the data
-    (the batch files and data/stats.json, by content) and the code that trains: the train stage's modules,
-    by content (found by reading its imports, so the same in any process that calls this)."""
-    digest = hashlib.sha256(json.dumps({"model": dict(params["model"]), "train": dict(params["train"]),
+def fingerprint(model, recipe, device):
+    """What a checkpoint must share with this run to be resumed: the model params and the recipe, its
+    precision resolved for this device (`auto` trains in bf16 on one GPU and fp16 on another: a checkpoint of
+    one must not resume in the other), never `system` (it never changes what is computed); the device type
+    (RNG states differ between CPU and CUDA); the data (the batch files and data/stats.json, by content) and
+    the code that trains: the train stage's files, by content (found by reading its imports, so the same in
+    any process that calls this)."""
+    if recipe.precision == "auto":
+        raise ValueError("fingerprint: resolve the recipe's precision for the device first")
+    digest = hashlib.sha256(json.dumps({"model": dict(model), "train": recipe.model_dump(),
                                         "device": device.type}, sort_keys=True).encode())
-    for path in [*sorted(Path(BATCHES_DIR).iterdir()), Path(STATS_FILE), *code_of("train")]:
+    for path in [*sorted(Path(BATCHES_DIR).iterdir()), Path(STATS_FILE), *code_of("stages/train.py")]:
         digest.update(path.name.encode())
         with open(path, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())

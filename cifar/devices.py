@@ -13,10 +13,27 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
+from .params import FLAG, Section, text
 from .workspace import UserError
+
+
+class System(Section):
+    """The `system` section: where and how a run executes, never what it computes, so no stage depends on it
+    and changing it neither reruns training nor invalidates a checkpoint. compile is here because
+    torch.compile changes the results only by floating-point rounding (as another GPU model would); the
+    rendezvous address and port cannot change them at all, nor can the device (on one kind of device; the
+    checkpoint's fingerprint holds the device type)."""
+    section = "system"
+    device: text(r"^(auto|cpu|cuda|cuda:\d+)$", "auto, cpu, cuda or cuda:K (K: a GPU index)")
+    compile: FLAG
+    master_addr: text()
+    master_port: Annotated[int, Field(ge=1, le=65535, description="a TCP port, an integer from 1 to 65535")]
+
 
 LOCK_DIR = Path(tempfile.gettempdir()) / "cifar10-resnet-gpus"  # one for the machine: every checkout, every run
 

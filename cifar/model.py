@@ -3,11 +3,28 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch import nn
 
+from .params import Section, integer, integers
 from .workspace import UserError, atomic_path
 
 NUM_CLASSES = 10
+
+
+class ModelParams(Section):
+    """The `model` section: the ResNet's shape and the study's parameter budget."""
+    section = "model"
+    blocks: integers(1)
+    widths: integers(1)
+    max_params: integer(1)
+
+    @model_validator(mode="after")
+    def _one_width_per_layer(self):
+        if len(self.blocks) != len(self.widths):
+            raise ValueError(f"model.blocks {self.blocks} and model.widths {self.widths} must have the same "
+                             "length (one entry per layer)")
+        return self
 
 
 class BasicBlock(nn.Module):

@@ -25,8 +25,8 @@ class UserError(Exception):
     """Bad input (params, URL, archive, checkpoint): reported as one line, no traceback."""
 
 
-def run(main, *args):
-    """Run a stage's main(*args); a UserError becomes 'error: <message>' on stderr and exit status 1 (or the
+def command(main, *args):
+    """Run a stage's or tool's main(*args); a UserError becomes 'error: <message>' on stderr and exit status 1 (or the
     error's own `exit_status`)."""
     try:
         main(*args)

@@ -1,49 +1,105 @@
 """The training engine: the data set on the device, the model with its optimizer and schedule, one epoch of
-training, validation and scoring. Used by the train stage and the benchmark alike, so what is measured is
+training, the per-epoch scores and scoring. Used by the train stage and the benchmark alike, so what is measured is
 what trains."""
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field, model_validator
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .augment import Normalizer, cutout, random_crop_flip, reflect_pad, tta_views
 from .distributed import Context, all_sum, broadcast_buffers, shard, wrap
+from .params import FLAG, Section, integer, number, one_of
 from .precision import autocast, make_scaler
 
 CROP_SIZE = 32
 PAD = 4  # the study's reflect-pad 4, then random 32x32 crops
 
 
-def pick_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _off(flag):
+    if flag:
+        raise ValueError("true is no clipping threshold")
+    return flag
+
+
+class Recipe(Section):
+    """The `train` section: everything that decides what training computes. Each key is a dependency of the
+    train stage (dvc.yaml) and part of the resumable checkpoint's fingerprint. nproc and nnodes belong here
+    because every rank's BatchNorm normalizes with its own share of the batch, so the process count changes
+    the result (unless sync_bn). params.yaml holds the values, and its comments say what each key does."""
+    section = "train"
+    epochs: integer(1)
+    batch_size: integer(1)
+    max_lr: number(gt=0)
+    warmup_fraction: number(gt=0, lt=1)
+    weight_decay: number(ge=0)
+    grad_clip: Annotated[Annotated[float, Field(gt=0, allow_inf_nan=False)] | Annotated[bool, AfterValidator(_off)],
+                         Field(description="a number > 0, or false to switch clipping off")]
+    seed: integer(0)
+    precision: one_of("auto", "bf16", "fp16", "fp32")  # the train stage resolves auto for its device
+    nproc: integer(1)
+    nnodes: integer(1)
+    sync_bn: FLAG
+    # The fast trainers' tricks (docs/experiments.md)
+    optimizer: one_of("adam", "sgd")
+    momentum: number(ge=0, lt=1)
+    nesterov: FLAG
+    label_smoothing: number(ge=0, lt=1)
+    ema_decay: number(ge=0, lt=1)
+    cutout: integer(0)
+    flip: one_of("random", "alternating")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.cutout >= CROP_SIZE:
+            raise ValueError(f"train.cutout = {self.cutout} must be smaller than the {CROP_SIZE}-pixel image "
+                             "(0 switches cutout off)")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("train.nesterov = true needs train.momentum > 0 (Nesterov momentum is a kind of "
+                             "momentum); set train.nesterov: false for plain SGD")
+        if self.batch_size < self.world_size:
+            raise ValueError(f"train.batch_size = {self.batch_size} is smaller than train.nproc * train.nnodes = "
+                             f"{self.world_size}: every process needs at least one image of each batch")
+        return self
+
+    @classmethod
+    def from_params(cls, params):
+        return cls(**params["train"])
+
+    @property
+    def world_size(self):
+        return self.nproc * self.nnodes
 
 
 @dataclass
 class Data:
     """The data set on the training device, as uint8: the training images reflect-padded once (the padding
-    never changes; every batch is cropped from it), the test images as they are."""
+    never changes; every batch is cropped from it), and the images every epoch is scored on as they are:
+    the test set (`monitor_split` "test"), or images held out of the training set ("validation")."""
     padded: torch.Tensor
     labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+    monitor_images: torch.Tensor
+    monitor_labels: torch.Tensor
     normalize: Normalizer
+    monitor_split: str = "test"  # what the per-epoch curves measure, and so their names: test/acc, ...
 
     @classmethod
-    def on_device(cls, train, test, stats, device):
+    def on_device(cls, train, monitor, stats, device, monitor_split="test"):
         """From (images, labels) of each split (uint8 [N, 3, 32, 32], int64 [N]) and {mean, std}."""
-        (images, labels), (test_images, test_labels) = train, test
-        return cls(reflect_pad(images.to(device), PAD), labels.to(device), test_images.to(device),
-                   test_labels.to(device), Normalizer(stats["mean"], stats["std"], device))
+        (images, labels), (monitor_images, monitor_labels) = train, monitor
+        return cls(reflect_pad(images.to(device), PAD), labels.to(device), monitor_images.to(device),
+                   monitor_labels.to(device), Normalizer(stats["mean"], stats["std"], device), monitor_split)
 
 
 @dataclass
 class Trainer:
     """The model and everything that updates it. `model` is the module that is saved; `step_model` is what
     the training steps call (DistributedDataParallel around it on several ranks, torch.compile'd when asked),
-    sharing its parameters; `eval_model` what validation calls (DDP's forward is for training steps only)."""
+    sharing its parameters; `eval_model` what the per-epoch scoring calls (DDP's forward is for training steps only)."""
     model: nn.Module
     step_model: nn.Module
     eval_model: nn.Module
@@ -56,33 +112,33 @@ class Trainer:
 
     @property
     def result(self):
-        """The model the run produces, which validation scores and the stage saves: the EMA when on."""
+        """The model the run produces, which every epoch scores and the stage saves: the EMA when on."""
         return self.ema.module if self.ema is not None else self.model
 
 
-def make_trainer(model, recipe, context, compile, num_images):
+def make_trainer(model, recipe, context, compiled, num_images):
     """The model on the context's device in channels_last (the fast layout for convolutions, in oneDNN and
     cuDNN), wrapped for several ranks and compiled if asked, with Adam and OneCycle for `num_images` per epoch,
     in recipe.precision (resolved)."""
-    model, step_model = prepare_model(model, context.device, compile, context, recipe.sync_bn)
+    model, step_model = prepare_model(model, context.device, compiled, context, recipe.sync_bn)
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch(num_images, recipe.batch_size))
     scaler = make_scaler(context.device, recipe.precision)
     generator = torch.Generator(context.device).manual_seed(recipe.seed)
     eval_model = step_model if context.world_size == 1 else model
-    # EMA (airbench, Page's ResNet-9): validate and keep an average of the recent weights, smoother than the
+    # EMA (airbench, Page's ResNet-9): score and keep an average of the recent weights, smoother than the
     # last step's. use_buffers: the BatchNorm statistics are averaged alike, so they fit the averaged weights.
     ema = None if not recipe.ema_decay else AveragedModel(
         model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
     return Trainer(model, step_model, eval_model, optimizer, scheduler, scaler, generator, ema)
 
 
-def prepare_model(model, device, compile, context=None, sync_bn=False):
+def prepare_model(model, device, compiled, context=None, sync_bn=False):
     """(model on the device in channels_last, the module the steps call: DDP around it on several ranks,
     torch.compile'd when asked)."""
     model = model.to(device, memory_format=torch.channels_last)
     step_model = wrap(model, context or Context(device), sync_bn)
-    return model, torch.compile(step_model) if compile else step_model
+    return model, torch.compile(step_model) if compiled else step_model
 
 
 def make_optimizer(model, recipe):
@@ -140,7 +196,7 @@ def train_epoch(trainer, data, recipe, context, desc="train"):
     order = torch.randperm(len(labels), device=device, generator=generator)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for batch in tqdm(order.split(recipe.batch_size), desc=desc, leave=False, unit="batch",
+    for batch in tqdm(order.split(recipe.batch_size), desc=desc, leave=False, unit="batch", position=1,
                       disable=not context.is_main):
         part = shard(len(batch), context.rank, context.world_size)
         mine = batch[part]
@@ -171,12 +227,13 @@ def train_epoch(trainer, data, recipe, context, desc="train"):
     return loss_sum / len(labels), correct / len(labels)
 
 
-def validation_scores(trainer, data, recipe, context):
-    """(mean loss, accuracy) of the run's model (trainer.result) on the whole test set, without test-time
-    augmentation (cheap, and the curves stay comparable across evaluate.tta). On several ranks, every rank
+def monitor_scores(trainer, data, recipe, context):
+    """(mean loss, accuracy) of the run's model (trainer.result) on the images every epoch is scored on
+    (data.monitor_*), without test-time augmentation (cheap, and the curves stay comparable across
+    evaluate.tta). On several ranks, every rank
     takes rank 0's buffers (the model rank 0 saves), scores its own shard of the set, and the sums are
     all-reduced."""
-    images, labels = data.test_images, data.test_labels
+    images, labels = data.monitor_images, data.monitor_labels
     model = trainer.result if trainer.ema is not None else trainer.eval_model
     if context.world_size == 1:
         return score(model, images, labels, data.normalize, recipe.batch_size, recipe.precision)[:2]
@@ -203,3 +260,8 @@ def score(model, images, labels, normalize, batch_size, precision, tta="none"):
         predictions.append(logits.argmax(1))
     predictions = torch.cat(predictions)
     return loss_sum / len(labels), (predictions == labels).float().mean(), predictions
+
+
+def per_class_accuracy(labels, predictions, num_classes):
+    hits = torch.bincount(labels[predictions == labels], minlength=num_classes).double()
+    return (hits / torch.bincount(labels, minlength=num_classes).clamp(min=1)).tolist()

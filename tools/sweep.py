@@ -1,21 +1,24 @@
 """The study's comparisons, the tuned preset and the tricks' ablation as queued DVC experiments:
-`python -m stages.sweep [--ablation]`, then `dvc queue start -j N`.
+`python -m tools.sweep [--ablation]`, then `dvc queue start -j N`.
 
-Every variant sets the keys it compares explicitly, so the sweep does not depend on what params.yaml holds;
-everything else comes from params.yaml. For a reduced run, `--width-divisor N` narrows every variant alike,
-`--epochs N` shortens them, and `-S key=value` overrides any key in all of them."""
+The study's recipe is params.yaml's (its defaults always stay the study's): every variant and rung sets the
+keys it compares explicitly, from those values, and everything else comes from params.yaml. For a reduced
+run, `--width-divisor N` narrows every variant alike, `--epochs N` shortens them, and `-S key=value`
+overrides any key in all of them."""
 import argparse
 
-from .workspace import UserError, run
+from cifar.augment import EvaluateParams
+from cifar.model import ModelParams
+from cifar.params import PARAMS_FILE, load_params
+from cifar.training import Recipe
+from cifar.workspace import UserError, command
 
-FINAL = {"model.blocks": [2, 1, 1, 1], "model.widths": [64, 128, 256, 512], "train.weight_decay": 1e-4}
-
-# The study's recipe, every trick of the fast CIFAR-10 trainers switched off (as params.yaml has it)
-STUDY = {**FINAL, "train.optimizer": "adam", "train.max_lr": 0.01, "train.label_smoothing": 0.0,
-         "train.flip": "random", "train.ema_decay": 0.0, "train.cutout": 0, "evaluate.tta": "none"}
+# The keys the variants and the ladder compare; the study's values of them are params.yaml's defaults
+STUDY_KEYS = ["model.blocks", "model.widths", "train.weight_decay", "train.optimizer", "train.max_lr",
+              "train.label_smoothing", "train.flip", "train.ema_decay", "train.cutout", "evaluate.tta"]
 
 # The tricks, in the order the ablation ladder adds them: (rung name, the keys it sets). The values, and why
-# each, are in README ("Beyond the study").
+# each, are in docs/experiments.md.
 TRICKS = [
     # SGD needs its own learning rate and weight decay: Adam's 0.01 and 1e-4 would barely move it
     ("sgd-nesterov", {"train.optimizer": "sgd", "train.momentum": 0.9, "train.nesterov": True,
@@ -27,37 +30,43 @@ TRICKS = [
     ("flip-tta", {"evaluate.tta": "flip"}),
     ("flip-translate-tta", {"evaluate.tta": "flip_translate"}),
 ]
+# The tricks that paid in the measured reduced ladder (docs/experiments.md): the EMA and cutout each cost
+# accuracy there, and flip TTA beat flip-and-translate, so the tuned preset leaves those out.
+TUNED_TRICKS = ["sgd-nesterov", "label-smoothing", "alternating-flip", "flip-tta"]
 
 
-def ladder():
+def study(path=PARAMS_FILE):
+    """The study's recipe: params.yaml's values of STUDY_KEYS (its defaults always stay the study's), checked
+    as the stages check them."""
+    params = load_params(ModelParams, Recipe, EvaluateParams, path=path)
+    return {key: params[key.split(".")[0]][key.split(".")[1]] for key in STUDY_KEYS}
+
+
+def ladder(study):
     """The ablation: the study's recipe, then each rung adding one trick to the one before."""
-    rungs, keys = {"ablation-0-study": STUDY}, dict(STUDY)
+    rungs, keys = {"ablation-0-study": study}, dict(study)
     for i, (name, trick) in enumerate(TRICKS, 1):
         keys = {**keys, **trick}
         rungs[f"ablation-{i}-{name}"] = keys
     return rungs
 
 
-ABLATION = ladder()
-
-# The study's ResNet (4,977,226 parameters) with the tricks that paid in the measured reduced ladder
-# (README, "Beyond the study"): the EMA (0.99) and cutout (8) each cost accuracy there, and flip TTA
-# beat flip-and-translate, so the preset leaves those two out and takes flip TTA.
-_TRICK = dict(TRICKS)
-TUNED = {**STUDY, **_TRICK["sgd-nesterov"], **_TRICK["label-smoothing"], **_TRICK["alternating-flip"],
-         **_TRICK["flip-tta"]}
-
-# name -> the keys it sets; the names are DVC experiment names (git ref names: no spaces, no dots).
-VARIANTS = {
-    "final": FINAL,  # 4,977,226 parameters; also the weight-decay sweep's 1e-4 point
-    "blocks-1111": {**FINAL, "model.blocks": [1, 1, 1, 1]},  # 4,903,242
-    "blocks-6543": {**FINAL, "model.blocks": [6, 5, 4, 3], "model.widths": [32, 64, 128, 256]},  # 4,865,322
-    "under-1m": {**FINAL, "model.widths": [16, 32, 64, 128]},  # 313,498
-    "wd-1e-6": {**FINAL, "train.weight_decay": 1e-6},
-    "wd-1e-5": {**FINAL, "train.weight_decay": 1e-5},
-    "wd-5e-4": {**FINAL, "train.weight_decay": 5e-4},
-    "tuned": TUNED,  # beyond the study: the same model, trained with the tricks that paid
-}
+def variants(study):
+    """name -> the keys it sets; the names are DVC experiment names (git ref names: no spaces, no dots). The
+    counts are of the study's widths 64..512."""
+    widths = study["model.widths"]
+    tricks = dict(TRICKS)
+    return {
+        "final": study,  # 4,977,226 parameters; also the weight-decay sweep's 1e-4 point
+        "blocks-1111": {**study, "model.blocks": [1, 1, 1, 1]},  # 4,903,242
+        "blocks-6543": {**study, "model.blocks": [6, 5, 4, 3], "model.widths": [w // 2 for w in widths]},  # 4,865,322
+        "under-1m": {**study, "model.widths": [w // 4 for w in widths]},  # 313,498
+        "wd-1e-6": {**study, "train.weight_decay": 1e-6},
+        "wd-1e-5": {**study, "train.weight_decay": 1e-5},
+        "wd-5e-4": {**study, "train.weight_decay": 5e-4},
+        # beyond the study: the same model, trained with the tricks that paid
+        "tuned": {**study, **{key: value for name in TUNED_TRICKS for key, value in tricks[name].items()}},
+    }
 
 
 def format_value(value):
@@ -90,7 +99,7 @@ def variant_params(variant, width_divisor=1, overrides=()):
     return params
 
 
-def planned(names, width_divisor=1, overrides=(), prefix="", experiments=VARIANTS):
+def planned(names, experiments, width_divisor=1, overrides=(), prefix=""):
     """[(experiment name, {key: value as -S writes it})] of the chosen ones of `experiments`."""
     unknown = [n for n in names if n not in experiments]
     if unknown:
@@ -126,13 +135,13 @@ def queue(experiments, force=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m stages.sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help=f"queue only these variants (default: all of {', '.join(VARIANTS)}; with --ablation, "
-                             "of its rungs)")
+                        help="queue only these variants, or with --ablation these rungs (default: all; --dry-run "
+                             "lists them)")
     parser.add_argument("--ablation", action="store_true",
-                        help="queue the tricks' ablation ladder instead: " + ", ".join(ABLATION))
+                        help="queue the tricks' ablation ladder instead (rungs ablation-K-TRICK)")
     parser.add_argument("--width-divisor", type=int, default=1, metavar="N",
                         help="divide every variant's widths by N: a narrower sweep of the same shapes")
     parser.add_argument("--epochs", type=int, metavar="N", help="train every variant N epochs (-S train.epochs=N)")
@@ -146,15 +155,16 @@ def main(argv=None):
     if args.epochs is not None and args.epochs < 1:
         raise UserError(f"--epochs {args.epochs}: must be an integer >= 1")
     overrides = ([f"train.epochs={args.epochs}"] if args.epochs else []) + args.overrides
-    chosen = ABLATION if args.ablation else VARIANTS
-    experiments = planned(args.only or list(chosen), args.width_divisor, overrides, args.prefix, chosen)
+    recipe = study()
+    chosen = ladder(recipe) if args.ablation else variants(recipe)
+    experiments = planned(args.only or list(chosen), chosen, args.width_divisor, overrides, args.prefix)
     for name, params in experiments:
         print(command_line(name, params, args.force), flush=True)
     if not args.dry_run:
         queue(experiments, args.force)
         print(f"queued {len(experiments)} experiment(s); run them with `dvc queue start -j N`, "
-              "follow with `dvc queue status`, compare with `dvc exp show` and `python -m stages.compare`")
+              "follow with `dvc queue status`, compare with `dvc exp show` and `python -m tools.compare`")
 
 
 if __name__ == "__main__":
-    run(main)
+    command(main)

@@ -17,7 +17,15 @@ from urllib.request import url2pathname
 import numpy as np
 import torch
 
+from .params import Section, text
 from .workspace import UserError
+
+
+class DataParams(Section):
+    """The `data` section: where the CIFAR-10 archive comes from (download reads it)."""
+    section = "data"
+    url: text()
+    md5: text(r"^[0-9a-fA-F]{32}$", "an md5 checksum of 32 hex digits")
 
 ARCHIVE_FOLDER = "cifar-10-batches-py"  # the one folder the official archive holds
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -56,7 +64,9 @@ def _fetch(url, workdir):
         download_url(url, workdir, filename="archive.tar.gz")
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise UserError(f"data.url {url!r} could not be downloaded: {reason}")
+        raise UserError(f"data.url {url!r} could not be downloaded: {reason}; to use a copy of the archive "
+                        "fetched elsewhere, point data.url at its local path (in params.yaml, or "
+                        "dvc exp run -S data.url=PATH)")
     return Path(workdir) / "archive.tar.gz"
 
 
