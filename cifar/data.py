@@ -135,6 +135,28 @@ def load_split(batches_dir, split):
     return torch.cat(images), torch.cat(labels)
 
 
+SPLIT_SEED = 0  # the held-out images are the same for every train.seed: variants and seeds compare on them
+
+
+def hold_out(labels, n, num_classes, seed=SPLIT_SEED):
+    """(kept, held_out) indices of the training images: n held out, stratified by class (n // C of each, one
+    more of the first n % C classes), drawn once by a fixed seed, so the same n always holds out the same
+    images; both sorted, in file order."""
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        quota = n // num_classes + (c < n % num_classes)
+        if quota >= len(members):
+            raise UserError(f"train.validation_images = {n} holds out {quota} images of class {c}, which has only "
+                            f"{len(members)} training images; hold out fewer")
+        held.append(members[torch.randperm(len(members), generator=generator)[:quota]])
+    held = torch.cat(held).sort().values
+    kept = torch.ones(len(labels), dtype=torch.bool)
+    kept[held] = False
+    return torch.nonzero(kept).flatten(), held
+
+
 def read_classes(batches_dir):
     path = Path(batches_dir) / META_FILE
     try:

@@ -123,15 +123,17 @@ def _count(x, _position=None):
 
 
 def plot_accuracy_vs_params(points, path):
-    """Test accuracy against parameter count (log scale), one labelled point per experiment.
-    `points`: dicts with name, params, accuracy, blocks, widths, weight_decay."""
+    """Test accuracy against parameter count (log scale), one labelled point per variant, its standard
+    deviation over seeds as an error bar. `points`: dicts with name, params, accuracy (the mean), accuracy_std
+    (None for a single run), blocks, widths, weight_decay."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
     decays = sorted({p["weight_decay"] for p in points})
     colours = {wd: plt.cm.viridis(i / max(1, len(decays) - 1)) for i, wd in enumerate(decays)}
     for wd in decays:
         group = [p for p in points if p["weight_decay"] == wd]
-        ax.scatter([p["params"] for p in group], [p["accuracy"] for p in group], color=colours[wd], s=50,
-                   label=f"weight decay {wd:g}", zorder=3)
+        ax.errorbar([p["params"] for p in group], [p["accuracy"] for p in group],
+                    yerr=[p.get("accuracy_std") or 0 for p in group], fmt="o", color=colours[wd], capsize=3,
+                    label=f"weight decay {wd:g}", zorder=3)
     for p in points:
         shape = f"{''.join(map(str, p['blocks']))} × {p['widths'][0]}..{p['widths'][-1]}"
         ax.annotate(f"{p['name']} ({shape})", (p["params"], p["accuracy"]), xytext=(6, 4),
@@ -144,7 +146,8 @@ def plot_accuracy_vs_params(points, path):
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("parameters (log scale)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("test accuracy against model size (labels: blocks per layer × widths)", fontsize=10)
+    ax.set_title("test accuracy against model size, mean ± std over seeds (labels: blocks per layer × widths)",
+                 fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     ax.margins(y=0.1)
@@ -152,24 +155,29 @@ def plot_accuracy_vs_params(points, path):
 
 
 def plot_ablation(rungs, path):
-    """The ablation ladder: the test accuracy of each rung (bars), and above each bar what the rung gained
-    over the one before it (percentage points; red where it lost). `rungs`: dicts with rung, accuracy, gain
-    (None for the first), in ladder order."""
+    """The ablation ladder: each rung's accuracy (bars: the mean over seeds, error bars: the standard
+    deviation) in the metric the rungs are chosen by, and above each bar what the rung gained over the one
+    before (points; red where it lost, grey where the gain is within noise). `rungs`: dicts with rung, index,
+    chosen_by (the key of the Summary to draw), gain (a noise.Difference; None for the first), gain_over."""
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rungs)), 4.5))
-    names = [r["rung"] for r in rungs]
-    accuracy = [100 * r["accuracy"] for r in rungs]
-    bars = ax.bar(names, accuracy, color="tab:blue")
-    for bar, r in zip(bars, rungs):
-        label = "" if r["gain"] is None else f"{100 * r['gain']:+.2f}" + (
+    summaries = [r[r["chosen_by"]] for r in rungs]
+    accuracy = [100 * s.mean for s in summaries]
+    bars = ax.bar([r["rung"] for r in rungs], accuracy, yerr=[100 * (s.std or 0) for s in summaries], capsize=3,
+                  color="tab:blue")
+    for bar, r, value in zip(bars, rungs, accuracy):
+        gain = r["gain"]
+        label = "" if gain is None else f"{100 * gain.delta:+.2f}" + (
             "" if r["gain_over"] == r["index"] - 1 else f" vs {r['gain_over']}")
-        ax.annotate(f"{100 * r['accuracy']:.2f}\n{label}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8,
-                    color="tab:red" if r["gain"] is not None and r["gain"] < 0 else "black")
+        colour = "black" if gain is None else "grey" if gain.within_noise else \
+            "tab:red" if gain.delta < 0 else "black"
+        ax.annotate(f"{value:.2f}\n{label}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8, color=colour)
     low, high = min(accuracy), max(accuracy)
     ax.set_ylim(max(0, low - 2 * max(1, high - low)), min(100, high + 0.6 * max(1, high - low)) + 0.5)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("ablation: each rung adds one trick to the one before (above each bar: its accuracy, "
-                 "and its gain in points)", fontsize=9)
+    metric = "validation" if rungs[0]["chosen_by"] == "validation_accuracy" else "test"
+    ax.set_ylabel(f"{metric} accuracy (%), mean ± std over seeds")
+    ax.set_title("ablation: each rung adds one trick to the one before (above each bar: its accuracy, and its "
+                 "gain in points; grey: within noise)", fontsize=9)
     ax.tick_params(axis="x", rotation=30)
     for tick in ax.get_xticklabels():
         tick.set_ha("right")

@@ -10,11 +10,11 @@ from torchsummary import summary
 from tqdm import tqdm
 
 from . import devices, distributed
-from .data import load_split
+from .data import hold_out, load_split
 from .live import log_epoch, open_log
 from .model import count_parameters, save_model
 from .resume import CHECKPOINT_FILE, Progress, StopSignals, fingerprint, load_checkpoint, save_checkpoint
-from .training import Data, make_trainer, monitor_scores, train_epoch
+from .training import Data, ema_batchnorm, make_trainer, monitor_scores, train_epoch
 from .workspace import BATCHES_DIR, MODEL_FILE, RUN_METRICS_FILE, SUMMARY_FILE, write_json, write_text
 
 LONG_CPU_RUN_S = 3600  # past this estimate on a CPU, point to the quick run
@@ -23,10 +23,10 @@ LONG_CPU_RUN_S = 3600  # past this estimate on a CPU, point to the quick run
 def fit(model_params, recipe, system, model, stats, classes, device, claim):
     """Train `model` by `recipe` (its precision resolved) on `device`; rank 0 writes the model and metrics."""
     # The data, read before the ranks meet (a bad batch stops each rank alone, in one line), then on the device
-    splits = load_split(BATCHES_DIR, "train"), load_split(BATCHES_DIR, "test")
+    train, monitor, monitor_split = split_data(recipe, len(classes))
     context = distributed.setup(device)  # under torchrun: joins the process group, takes cuda:LOCAL_RANK
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    data = Data.on_device(*splits, stats, context.device)
+    data = Data.on_device(train, monitor, stats, context.device, monitor_split)
     if context.is_main:
         write_text(SUMMARY_FILE, layer_table(model))
     num_params = count_parameters(model)
@@ -75,6 +75,18 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim):
           f"{progress.wall_seconds:.0f} s; saved {MODEL_FILE}")
 
 
+def split_data(recipe, num_classes):
+    """(training images and labels, the images every epoch is scored on, their name). With
+    train.validation_images > 0, those are held out of the training set (data.hold_out), training never sees
+    them, and the test set is not read at all: the evaluate stage scores it, once. Else, as in the study, every
+    epoch is scored on the test set."""
+    images, labels = load_split(BATCHES_DIR, "train")
+    if not recipe.validation_images:
+        return (images, labels), load_split(BATCHES_DIR, "test"), "test"
+    kept, held = hold_out(labels, recipe.validation_images, num_classes)
+    return (images[kept], labels[kept]), (images[held], labels[held]), "validation"
+
+
 def restore(trainer, run_fingerprint, recipe):
     """The Progress of the interrupted run the checkpoint holds (the trainer restored to it), or a fresh one.
     Every rank restores the same state from models/, which a single node's ranks share; rank 0 alone saves
@@ -94,6 +106,8 @@ def train_and_score(trainer, data, recipe, context, progress, epoch):
     train_loss, train_acc = train_epoch(trainer, data, recipe, context, desc=f"epoch {epoch}/{recipe.epochs}")
     train_loss, train_acc = train_loss.item(), train_acc.item()  # one host sync per epoch
     progress.train_seconds += time.perf_counter() - epoch_start
+    if trainer.ema is not None:
+        ema_batchnorm(trainer, data, recipe)
     loss, acc = (v.item() for v in monitor_scores(trainer, data, recipe, context))
     lr = trainer.scheduler.get_last_lr()[0]
     split = data.monitor_split

@@ -10,7 +10,16 @@ from dvc.api import exp_show
 from dvcrepo import assert_curves_overlaid, copy_repo, dvc, module, queue_rows, run, stages_run
 
 from cifar.model import ResNet, count_parameters
-from tools.compare import ablation_table, ablations, experiments, markdown_table, write_ablations
+from cifar.noise import variant_of
+from tools.compare import (
+    ablation_table,
+    ablations,
+    experiments,
+    markdown_table,
+    variant_groups,
+    variants_table,
+    write_ablations,
+)
 from tools.sweep import TRICKS, command_line, ladder, planned, study, variants
 
 PARAMS = {"wd-5e-4": 79186, "blocks-1111": 78002}  # [2,1,1,1] and [1,1,1,1] x [8,16,32,64]
@@ -80,41 +89,95 @@ def test_compare_reads_the_columns_exp_show_gives():
             {"rev": "abc1234", "typ": "branch_commit", "Experiment": "wide", "State": "Success",
              "model.blocks": "[1, 1, 1, 1]", "model.widths": "[64, 128, 256, 512]", "train.weight_decay": 1e-4,
              "train.epochs": 70.0, "params": 4903242.0, "metrics/evaluate/metrics.json:accuracy": 0.93,
+             "validation.acc": 0.91,
              "wall_time_s": 1500.0, "images_per_s": 2400.0},
             {"rev": "def5678", "typ": "branch_commit", "Experiment": "deep", "State": "Queued", "params": None}]
     records, pending = experiments(rows)
     assert pending == ["deep (Queued)"]
     (wide,) = records
     assert wide["name"] == "wide" and wide["blocks"] == [1, 1, 1, 1] and wide["accuracy"] == 0.93
-    assert wide["params"] == 4903242 and wide["epochs"] == 70
+    assert wide["params"] == 4903242 and wide["epochs"] == 70 and wide["validation_accuracy"] == 0.91
     wide["best_epoch_acc"] = 0.935  # compare() takes it from the per-epoch accuracy curve
     assert "| wide | abc1234 | [1, 1, 1, 1] | [64, 128, 256, 512] | 0.0001 | 70 | 4,903,242 | 93.00% | 93.50% | " \
            "1500 | 2400 |" in markdown_table(records)
 
 
-def test_the_ablation_report_gives_each_rung_and_its_gain_over_the_rung_before(tmp_path):
-    def record(name, accuracy, without):
-        return {"name": name, "accuracy": accuracy, "accuracy_without_tta": without, "wall_time_s": 60.0}
-    records = [record("ablation-1-sgd-nesterov", 0.80, 0.80), record("ablation-0-study", 0.75, 0.75),
-               record("ablation-2-label-smoothing", 0.79, 0.79), record("s1-ablation-0-study", 0.74, 0.74),
-               record("s1-ablation-7-flip-translate-tta", 0.80, 0.78), record("tuned", 0.9, 0.88)]
-    ladders = ablations(records)
+def run_record(name, accuracy, validation=None, without=None, params=313498, seconds=60.0):
+    """One experiment as compare.experiments() makes it from exp_show's row."""
+    return {"name": name, "rev": name[:7], "blocks": [2, 1, 1, 1], "widths": [16, 32, 64, 128],
+            "weight_decay": 1e-4, "epochs": 15, "params": params, "accuracy": accuracy,
+            "accuracy_without_tta": accuracy if without is None else without, "validation_accuracy": validation,
+            "wall_time_s": seconds, "images_per_s": 500.0}
+
+
+def test_the_report_groups_seeds_into_their_variant_with_mean_std_and_range():
+    records = [run_record("final-s0", 0.8154), run_record("tuned-s0", 0.83, seconds=70.0),
+               run_record("final-s1", 0.8233), run_record("final-s2", 0.8241), run_record("tuned-s1", 0.84),
+               run_record("under-1m", 0.70, params=79186)]
+    groups = variant_groups(records)
+    assert [g["variant"] for g in groups] == ["final", "tuned", "under-1m"]
+    final, tuned, small = groups
+    assert [r["name"] for r in final["runs"]] == ["final-s0", "final-s1", "final-s2"]
+    assert final["accuracy"].n == 3 and final["accuracy"].mean == pytest.approx(0.820933, abs=1e-6)
+    assert tuned["wall_time_s"].mean == 65.0 and small["params"] == 79186 and final["validation_accuracy"] is None
+    table = variants_table(groups, "final").splitlines()
+    assert table[0] == ("| variant | n | blocks | widths | weight decay | epochs | parameters | test accuracy | "
+                        "validation accuracy | test Δ vs final (points) | train time (s) |")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert list(rows) == ["tuned", "final", "under-1m"]  # best mean test accuracy first
+    # tuned: 83.50 ± 0.71 over 2; against final's 82.09 ± 0.48 over 3: +1.41, SE sqrt(.5/2 + .2313/3) = 0.57
+    assert rows["tuned"] == ("| tuned | 2 | [2, 1, 1, 1] | [16, 32, 64, 128] | 0.0001 | 15 | 313,498 | "
+                             "83.50 ± 0.71 % (n = 2, 83.00–84.00) | – | +1.41 ± 0.57 (real) | 65 |")
+    assert "| 82.09 ± 0.48 % (n = 3, 81.54–82.41) | – | – |" in rows["final"]
+    assert "| 70.00 % (n = 1) | – | -12.09 (n = 1: noise unknown) |" in rows["under-1m"]  # a single run: no ±
+
+
+def test_the_ablation_report_gives_each_rung_and_its_gain_over_the_rung_before_in_validation_accuracy(tmp_path):
+    records = [run_record("ablation-1-sgd-nesterov-s0", 0.80, 0.79), run_record("ablation-0-study-s0", 0.75, 0.74),
+               run_record("ablation-0-study-s1", 0.77, 0.76), run_record("ablation-1-sgd-nesterov-s1", 0.79, 0.80),
+               run_record("ablation-2-label-smoothing-s0", 0.90, 0.795), run_record("ablation-2-label-smoothing-s1",
+                                                                                   0.91, 0.795),
+               run_record("s1-ablation-0-study", 0.74), run_record("s1-ablation-7-flip-translate-tta", 0.80, None,
+                                                                   0.78),
+               run_record("tuned", 0.9)]
+    ladders = ablations(variant_groups(records))
     assert set(ladders) == {"", "s1-"}  # one ladder per prefix; tuned is none
     rungs = ladders[""]
-    assert [(r["index"], r["rung"]) for r in rungs] == [(0, "study"), (1, "sgd-nesterov"), (2, "label-smoothing")]
-    assert rungs[0]["gain"] is None and rungs[1]["gain"] == pytest.approx(0.05)
-    assert rungs[2]["gain"] == pytest.approx(-0.01)
+    assert [(r["index"], r["rung"], r["accuracy"].n) for r in rungs] == [(0, "study", 2), (1, "sgd-nesterov", 2),
+                                                                        (2, "label-smoothing", 2)]
+    # chosen by validation accuracy: 0.75 -> 0.795 -> 0.795, although the test accuracy jumps at rung 2
+    assert rungs[0]["chosen_by"] == "validation_accuracy" and rungs[0]["gain"] is None
+    assert rungs[1]["gain"].delta == pytest.approx(0.045) and rungs[2]["gain"].delta == pytest.approx(0.0)
     table = ablation_table(rungs).splitlines()
-    assert table[2] == "| 0 | study | ablation-0-study | 75.00% | – | 75.00% | 60 |"
-    assert table[4] == "| 2 | label-smoothing | ablation-2-label-smoothing | 79.00% | -1.00 | 79.00% | 60 |"
-    assert ablation_table(ladders["s1-"]).splitlines()[3].startswith(
-        "| 7 | flip-translate-tta | s1-ablation-7-flip-translate-tta | 80.00% | +6.00 (over rung 0) | 78.00% |")
+    assert table[0].startswith("| rung | adds | n | validation accuracy | gain in validation accuracy (points) | "
+                               "test accuracy |")
+    # rung 1 over rung 0: +4.50, SE sqrt(0.01414² / 2 + 0.00707² / 2) = 1.118 points: 4.50 > 2.24, real
+    assert table[3] == ("| 1 | sgd-nesterov | 2 | 79.50 ± 0.71 % (n = 2, 79.00–80.00) | +4.50 ± 1.12 (real) | "
+                        "79.50 ± 0.71 % (n = 2, 79.00–80.00) | 79.50 ± 0.71 % (n = 2, 79.00–80.00) | 60 |")
+    assert "| +0.00 ± 0.50 (within noise) |" in table[4]
+    single = ablation_table(ladders["s1-"]).splitlines()  # no validation split there: chosen by test accuracy
+    assert single[0].startswith("| rung | adds | n | test accuracy | gain in test accuracy (points) |")
+    assert single[3].startswith("| 7 | flip-translate-tta | 1 | 80.00 % (n = 1) | +6.00 (n = 1: noise unknown) "
+                                "(over rung 0) | 80.00 % (n = 1) | 78.00 % (n = 1) |")
     assert write_ablations(ladders, tmp_path) == ["ablation.png", "ablation-s1.png"]
     assert (tmp_path / "ablation.png").read_bytes().startswith(PNG)
     assert (tmp_path / "ablation-s1.png").read_bytes().startswith(PNG)
     report = (tmp_path / "ablation.md").read_text()
-    assert "| 1 | sgd-nesterov | ablation-1-sgd-nesterov | 80.00% | +5.00 |" in report
+    assert "| 1 | sgd-nesterov | 2 |" in report and "within noise when |Δ| < 2·SE" in report
     assert "![ablation](ablation.png)" in report
+
+
+def test_sweep_seeds_queue_every_variant_once_per_seed_under_recognisable_names(fresh, call):
+    code, output = call(fresh, "tools.sweep", "--only", "final", "tuned", "--seeds", "0", "1", "2", "--dry-run")
+    lines = output.strip().splitlines()
+    assert code == 0 and len(lines) == 6, output
+    names = [line.split(" -n ")[1].split()[0] for line in lines]
+    assert names == ["final-s0", "final-s1", "final-s2", "tuned-s0", "tuned-s1", "tuned-s2"]
+    for line, seed in zip(lines, [0, 1, 2] * 2):
+        assert line.endswith(f" -S train.seed={seed}")
+    assert {variant_of(name) for name in names} == {"final", "tuned"}  # compare groups them back
+    code, output = call(fresh, "tools.sweep", "--seeds", "1", "1", "--dry-run")
+    assert code == 1 and "error: --seeds 1 1: must be different integers >= 0" in output
 
 
 def test_compare_without_experiments_says_how_to_get_some(fresh, tmp_path):
@@ -250,7 +313,9 @@ def test_compare_draws_accuracy_against_size_and_the_curves_and_tabulates_best_f
     assert code == 0 and "compared 3 experiment(s)" in output, output  # the baseline commit and both
     for name in ["accuracy_vs_params.png", "epoch_acc.png"]:
         assert (out / name).read_bytes().startswith(PNG), name
-    table = (out / "experiments.md").read_text().splitlines()
+    report = (out / "experiments.md").read_text()
+    assert report.startswith("## Variants: mean ± standard deviation over seeds") and "within noise when" in report
+    table = report.split("## Every run\n\n")[1].splitlines()
     assert table[0].startswith("| experiment | rev | blocks | widths |") and len(table) == 5
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table[2:]}
     assert rows["wd-5e-4"][6] == "79,186" and rows["blocks-1111"][6] == "78,002", table

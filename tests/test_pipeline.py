@@ -10,10 +10,12 @@ from conftest import TEST_IMAGES, synthetic_batches
 from dvcrepo import copy_repo, dvc, read_json, run, set_params, stages_run
 from recipes import recipe
 
-from cifar.data import channel_stats, load_split
+from cifar import training
+from cifar.data import channel_stats, hold_out, load_split
 from cifar.fit import estimate
 from cifar.model import ResNet, count_parameters
 from cifar.resume import Progress
+from cifar.workspace import UserError
 
 OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/model.pt", "models/summary.txt",
            "metrics/train/metrics.json", "metrics/train/run.json", "metrics/train/plots/metrics/train/loss.tsv",
@@ -108,3 +110,49 @@ def test_evaluate_runs_on_the_device_system_device_chooses(trained_repo, tmp_pat
     assert ran.code == 0 and "images on cpu" in ran.out, ran.output
     assert read_json(repo, "metrics/evaluate/metrics.json") == read_json(trained_repo.repo,
                                                                        "metrics/evaluate/metrics.json")
+
+
+def test_a_validation_split_holds_images_out_of_training_and_leaves_the_test_set_to_evaluate(data_repo, tmp_path,
+                                                                                             stage, monkeypatch):
+    """train.validation_images 100: 10 images of each class leave the training set; no training batch is
+    drawn from them, every epoch is scored on them (curves validation/*), and the train stage never reads the
+    test batch: evaluate scores it, once."""
+    from cifar import fit
+
+    repo = copy_repo(data_repo.repo, tmp_path / "repo")
+    set_params(repo, train__validation_images=100)
+    read, handed, batches = [], {}, []
+    load_split = fit.load_split
+    monkeypatch.setattr(fit, "load_split", lambda folder, split: read.append(split) or load_split(folder, split))
+    on_device = fit.Data.on_device
+    monkeypatch.setattr(fit.Data, "on_device", lambda train, monitor, *rest: handed.update(
+        train=train, monitor=monitor) or on_device(train, monitor, *rest))
+    crop_flip = training.random_crop_flip
+    monkeypatch.setattr(training, "random_crop_flip", lambda padded, *rest: batches.append(padded) or crop_flip(
+        padded, *rest))
+    ran = stage(repo, "train")
+    assert ran.code == 0 and "500 train / 100 validation images" in ran.out, ran.output
+    assert read == ["train"]  # never the test batch
+    (train_images, train_labels), (held_images, held_labels) = handed["train"], handed["monitor"]
+    assert torch.bincount(held_labels).tolist() == [10] * 10 and len(train_labels) == 500
+    held = {image.numpy().tobytes() for image in held_images}
+    assert len(held) == 100 and not held & {image.numpy().tobytes() for image in train_images}
+    trained_on = {image[:, 4:-4, 4:-4].numpy().tobytes() for batch in batches for image in batch}  # uncrop
+    assert len(trained_on) == 500 and not trained_on & held  # every training image, no held-out one
+    curves = repo / "metrics/train/plots/metrics"
+    assert (curves / "validation/acc.tsv").is_file() and not (curves / "test").exists()
+    metrics = read_json(repo, "metrics/train/metrics.json")
+    assert "best_validation_acc" in metrics and "best_test_acc" not in metrics
+    ran = stage(repo, "evaluate")
+    assert ran.code == 0 and f"on {TEST_IMAGES} images" in ran.out, ran.output
+
+
+def test_the_held_out_images_are_stratified_fixed_and_too_many_is_an_error():
+    labels = torch.arange(60) % 10
+    kept, held = hold_out(labels, 25, 10)
+    assert torch.bincount(labels[held], minlength=10).tolist() == [3] * 5 + [2] * 5  # 25 = 10 * 2 + 5
+    assert sorted(kept.tolist() + held.tolist()) == list(range(60))
+    assert torch.equal(hold_out(labels, 25, 10)[1], held)  # the same images every time, whatever train.seed
+    with pytest.raises(UserError, match=r"train.validation_images = 60 holds out 6 images of class 0, which has "
+                                        r"only 6 training images"):
+        hold_out(labels, 60, 10)

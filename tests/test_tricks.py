@@ -2,9 +2,11 @@
 smoothing, the EMA of the weights, cutout, alternating flips and test-time augmentation."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import synthetic_images
 from recipes import changed, recipe
 from torch import nn
 
@@ -13,6 +15,7 @@ from cifar.distributed import Context
 from cifar.model import ResNet
 from cifar.training import (
     Data,
+    ema_batchnorm,
     epoch_flips,
     make_optimizer,
     make_scheduler,
@@ -106,20 +109,61 @@ def test_the_ema_is_the_hand_computed_average_of_every_step_and_is_the_run_s_mod
     decay = 0.6
     recipe = changed(RECIPE, epochs=1, ema_decay=decay)
     trainer = tiny_trainer(recipe, data)
-    states = []  # the weights and buffers after every step
+    states = []  # the weights after every step
     trainer.optimizer.register_step_post_hook(
-        lambda *_: states.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}))
+        lambda *_: states.append({k: v.detach().clone() for k, v in trainer.model.named_parameters()}))
     train_epoch(trainer, data, recipe, CPU)
     assert len(states) == 3
-    floats = [k for k, v in states[0].items() if v.is_floating_point()]  # weights and BatchNorm statistics
-    expected = {k: states[0][k] for k in floats}
+    expected = states[0]
     for state in states[1:]:
-        expected = {k: decay * expected[k] + (1 - decay) * state[k] for k in floats}
-    averaged = trainer.ema.module.state_dict()
-    for k in floats:
+        expected = {k: decay * expected[k] + (1 - decay) * state[k] for k in expected}
+    averaged = dict(trainer.ema.module.named_parameters())
+    for k in expected:
         assert torch.allclose(averaged[k], expected[k], atol=1e-6), k
-    assert any(not torch.allclose(averaged[k], states[-1][k]) for k in floats)  # not just the last weights
+    assert any(not torch.allclose(averaged[k], states[-1][k]) for k in expected)  # not just the last weights
     assert trainer.result is trainer.ema.module and replace(trainer, ema=None).result is trainer.model
+
+
+def test_the_ema_s_batchnorm_statistics_are_recomputed_for_its_own_weights():
+    """After ema_batchnorm, the stem's BatchNorm holds the mean and variance of the EMA stem convolution's
+    outputs over every training image, uncropped (3 equal batches: the cumulative average is the mean)."""
+    data = random_data(60)
+    recipe = changed(RECIPE, epochs=1, ema_decay=0.6)
+    trainer = tiny_trainer(recipe, data)
+    train_epoch(trainer, data, recipe, CPU)
+    ema_batchnorm(trainer, data, recipe)
+    conv, bn = trainer.ema.module.stem[0], trainer.ema.module.stem[1]
+    with torch.no_grad():
+        out = conv(data.normalize(data.padded[:, :, 4:-4, 4:-4]))
+    assert torch.allclose(bn.running_mean, out.mean((0, 2, 3)), atol=1e-5)
+    per_batch_var = torch.stack([o.var((0, 2, 3)) for o in out.split(20)]).mean(0)  # unbiased, per batch
+    assert torch.allclose(bn.running_var, per_batch_var, atol=1e-4)
+    model_bn = trainer.model.stem[1]
+    assert not torch.allclose(bn.running_mean, model_bn.running_mean)  # not the trained model's statistics
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_after_a_short_run_the_ema_scores_at_least_as_well_as_the_last_weights(optimizer):
+    """600 synthetic images, widths 8..64, batch 64, 3 epochs (30 steps), EMA decay 0.9, lr 0.01, scored on 200
+    held-out images. With the BatchNorm statistics averaged along with the weights, the EMA scored 53.5 %
+    (SGD) and 60 % (Adam) against the last weights' 71 % and 82.5 %; recomputed, it is no worse than the last
+    weights, within 2 points (6 of the 200 images)."""
+    rng = np.random.default_rng(0)
+    images, labels = synthetic_images(800, rng)
+    images = torch.from_numpy(images).view(-1, 3, 32, 32)
+    labels = torch.tensor(labels)
+    data = Data.on_device((images[:600], labels[:600]), (images[600:], labels[600:]), STATS, CPU.device)
+    recipe = changed(RECIPE, epochs=3, batch_size=64, max_lr=0.01, ema_decay=0.9, optimizer=optimizer,
+                     nesterov=False, weight_decay=0.0)
+    torch.manual_seed(0)
+    trainer = make_trainer(ResNet([2, 1, 1, 1], [8, 16, 32, 64]), recipe, CPU, False, 600)
+    for _ in range(recipe.epochs):
+        train_epoch(trainer, data, recipe, CPU)
+        ema_batchnorm(trainer, data, recipe)
+    last = score(trainer.model, data.monitor_images, data.monitor_labels, data.normalize, 100, "fp32")[1].item()
+    ema = monitor_scores(trainer, data, recipe, CPU)[1].item()
+    assert ema >= last - 0.02, f"{optimizer}: EMA {ema:.3f} against the last weights' {last:.3f}"
+    assert last > 0.3  # it learned: chance is 0.1
 
 
 def test_monitor_scores_the_ema_when_it_is_on():

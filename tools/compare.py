@@ -2,12 +2,15 @@
 
 Reads every experiment through DVC's Python API (dvc.api.exp_show for the table, dvc.api.read for each
 experiment's per-epoch accuracy curve) and writes, to --out (default reports/):
-  experiments.md          one row per experiment with results: shape, weight decay, parameters, accuracy, time
-  accuracy_vs_params.png  test accuracy against parameter count, every experiment
+  experiments.md          one row per variant (its seeds' runs together: mean ± std, n, min–max of the test and
+                          validation accuracy, the difference from --reference and whether it is within noise),
+                          then one row per experiment
+  accuracy_vs_params.png  test accuracy against parameter count, one point per variant, its std as error bars
   epoch_acc.png           the per-epoch accuracy curves of the chosen experiments (--curves; default all): on the
                           test set, or on the held-out validation images where a run had them
 and, when the experiments hold an ablation ladder (python -m tools.sweep --ablation):
-  ablation.md             each rung's test accuracy and its gain over the rung before
+  ablation.md             each rung's accuracy and its gain over the rung before, with its spread (in validation
+                          accuracy where the runs held images out, so the verdicts never look at the test set)
   ablation.png            the same as a bar chart (ablation-PREFIX.png for a ladder queued with --prefix)"""
 import argparse
 import re
@@ -16,9 +19,19 @@ from pathlib import Path
 import yaml
 
 from cifar.figures import parse_curve, plot_ablation, plot_accuracy_vs_params, plot_curves
-from cifar.workspace import CURVES_DIR, RUN_METRICS_FILE, TEST_METRICS_FILE, UserError, command, write_text
+from cifar.noise import RULE, difference, summarize, variant_of
+from cifar.workspace import (
+    CURVES_DIR,
+    RUN_METRICS_FILE,
+    TEST_METRICS_FILE,
+    TRAIN_LOG_DIR,
+    UserError,
+    command,
+    write_text,
+)
 
 RUN_METRICS = str(RUN_METRICS_FILE)
+TRAIN_METRICS = (TRAIN_LOG_DIR / "metrics.json").as_posix()
 TEST_METRICS = str(TEST_METRICS_FILE)
 # the per-epoch accuracy: on the held-out validation images where the run had them, else on the test set
 EPOCH_ACC = {split: (CURVES_DIR / split / "acc.tsv").as_posix() for split in ["validation", "test"]}
@@ -33,6 +46,7 @@ COLUMNS = {
     "params": (RUN_METRICS, "params"),
     "accuracy": (TEST_METRICS, "accuracy"),
     "accuracy_without_tta": (TEST_METRICS, "without_tta.accuracy"),
+    "validation_accuracy": (TRAIN_METRICS, "validation.acc"),  # the final model's, with train.validation_images
     "wall_time_s": (RUN_METRICS, "wall_time_s"),
     "images_per_s": (RUN_METRICS, "images_per_s"),
 }
@@ -83,22 +97,63 @@ def markdown_table(records):
     return "\n".join(lines) + "\n"
 
 
+def variant_groups(records):
+    """The experiments grouped by variant (tools.sweep --seeds names a variant's runs VARIANT-sK), in order of
+    their first run: each with its runs and the Summary of its test accuracy (with evaluate.tta), test
+    accuracy without TTA, final validation accuracy (where the runs held images out) and training time."""
+    groups = {}
+    for r in records:
+        groups.setdefault(variant_of(r["name"]), []).append(r)
+    return [{"variant": variant, "runs": runs, **{key: runs[0][key] for key in SHAPE},
+             **{key: summarize([r[key] for r in runs]) for key in SUMMARIZED}}
+            for variant, runs in groups.items()]
+
+
+SHAPE = ["blocks", "widths", "weight_decay", "epochs", "params"]
+SUMMARIZED = ["accuracy", "accuracy_without_tta", "validation_accuracy", "wall_time_s"]
+
+
+def _summary(summary):
+    return "–" if summary is None else summary.percent()
+
+
+def variants_table(groups, reference):
+    """One row per variant: its shape, n, mean ± std (min–max) of the test and validation accuracy, and its
+    test accuracy's difference from `reference` (a variant's name) with the noise rule's verdict."""
+    base = next((g for g in groups if g["variant"] == reference), None)
+    header = ["variant", "n", "blocks", "widths", "weight decay", "epochs", "parameters", "test accuracy",
+              "validation accuracy", f"test Δ vs {reference} (points)", "train time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in sorted(groups, key=lambda g: -g["accuracy"].mean):
+        versus = "–" if base is None or g is base else difference(base["accuracy"], g["accuracy"]).points()
+        cells = [g["variant"], str(g["accuracy"].n), str(g["blocks"]), str(g["widths"]),
+                 _number(g["weight_decay"], "g"), _number(g["epochs"], "d"), f"{g['params']:,}",
+                 _summary(g["accuracy"]), _summary(g["validation_accuracy"]), versus,
+                 _number(g["wall_time_s"].mean, ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 RUNG = re.compile(r"(?P<prefix>.*?)ablation-(?P<index>\d+)-(?P<rung>.+)")  # tools.sweep's ladder names
 
 
-def ablations(records):
-    """{prefix: [rung record, ...] in ladder order} of the experiments named as tools.sweep names the
-    ladder's rungs (PREFIX + ablation-K-TRICK), each with its gain over the rung before it (or, where that
-    one has no results, over the nearest earlier one that has: `gain_over` names it)."""
+def ablations(groups):
+    """{prefix: [rung group, ...] in ladder order} of the variants named as tools.sweep names the ladder's
+    rungs (PREFIX + ablation-K-TRICK, over seeds), each with its gain over the rung before it (or, where that
+    one has no results, over the nearest earlier one that has: `gain_over` names it). The gains are in
+    validation accuracy where every rung held images out, so that the verdicts never look at the test set;
+    else in test accuracy (`chosen_by` says which)."""
     ladders = {}
-    for r in records:
-        match = RUNG.fullmatch(r["name"])
+    for g in groups:
+        match = RUNG.fullmatch(g["variant"])
         if match:
-            ladders.setdefault(match["prefix"], []).append({**r, "index": int(match["index"]), "rung": match["rung"]})
+            ladders.setdefault(match["prefix"], []).append({**g, "index": int(match["index"]), "rung": match["rung"]})
     for rungs in ladders.values():
         rungs.sort(key=lambda r: r["index"])
+        chosen_by = "validation_accuracy" if all(r["validation_accuracy"] for r in rungs) else "accuracy"
         for before, r in zip([None] + rungs, rungs):
-            r["gain"] = None if before is None else r["accuracy"] - before["accuracy"]
+            r["chosen_by"] = chosen_by
+            r["gain"] = None if before is None else difference(before[chosen_by], r[chosen_by])
             r["gain_over"] = None if before is None else before["index"]
     return ladders
 
@@ -107,16 +162,17 @@ def _gain(r):
     if r["gain"] is None:
         return "–"
     skipped = "" if r["gain_over"] == r["index"] - 1 else f" (over rung {r['gain_over']})"
-    return f"{100 * r['gain']:+.2f}{skipped}"
+    return f"{r['gain'].points()}{skipped}"
 
 
 def ablation_table(rungs):
-    header = ["rung", "adds", "experiment", "test accuracy", "gain (points)", "without TTA", "train time (s)"]
+    metric = "validation" if rungs[0]["chosen_by"] == "validation_accuracy" else "test"
+    header = ["rung", "adds", "n", f"{metric} accuracy", f"gain in {metric} accuracy (points)", "test accuracy",
+              "test without TTA", "train time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rungs:
-        cells = [str(r["index"]), r["rung"], r["name"], f"{r['accuracy']:.2%}", _gain(r),
-                 _number(r["accuracy_without_tta"], ".2%"),
-                 _number(r["wall_time_s"], ".0f")]
+        cells = [str(r["index"]), r["rung"], str(r["accuracy"].n), _summary(r[r["chosen_by"]]), _gain(r),
+                 _summary(r["accuracy"]), _summary(r["accuracy_without_tta"]), _number(r["wall_time_s"].mean, ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -128,7 +184,7 @@ def write_ablations(ladders, out_dir):
         chart = f"ablation-{prefix.rstrip('-')}.png" if prefix else "ablation.png"
         plot_ablation(rungs, out_dir / chart)
         title = f"Ablation{f' {prefix!r}' if prefix else ''}: each rung adds one trick to the one before"
-        sections.append(f"## {title}\n\n{ablation_table(rungs)}\n![ablation]({chart})\n")
+        sections.append(f"## {title}\n\n{ablation_table(rungs)}\n{RULE}.\n\n![ablation]({chart})\n")
         charts.append(chart)
     write_text(out_dir / "ablation.md", "\n".join(sections))
     return charts
@@ -162,8 +218,8 @@ def load_rows(num):
         raise UserError(f"dvc exp show: {e}".splitlines()[0])
 
 
-def compare(out_dir=OUT_DIR, curves=None, num=1):
-    """Write the table and both figures to out_dir; returns the experiment records."""
+def compare(out_dir=OUT_DIR, curves=None, num=1, reference="final"):
+    """Write the tables and figures to out_dir; returns the experiment records."""
     records, pending = experiments(load_rows(num))
     if not records:
         raise UserError("no experiment with results yet: queue some (python -m tools.sweep), run them "
@@ -179,11 +235,15 @@ def compare(out_dir=OUT_DIR, curves=None, num=1):
         r["best_epoch_acc"] = max(epoch_acc[r["name"]][1][1], default=None)
     splits = {split for split, _ in epoch_acc.values()}
     out_dir = Path(out_dir)
-    write_text(out_dir / "experiments.md", markdown_table(records))
-    plot_accuracy_vs_params(records, out_dir / "accuracy_vs_params.png")
+    groups = variant_groups(records)
+    write_text(out_dir / "experiments.md", f"## Variants: mean ± standard deviation over seeds\n\n{RULE}.\n\n"
+               f"{variants_table(groups, reference)}\n## Every run\n\n{markdown_table(records)}")
+    plot_accuracy_vs_params([{"name": g["variant"], "params": g["params"], "accuracy": g["accuracy"].mean,
+                              "accuracy_std": g["accuracy"].std, "blocks": g["blocks"], "widths": g["widths"],
+                              "weight_decay": g["weight_decay"]} for g in groups], out_dir / "accuracy_vs_params.png")
     plot_curves({name: epoch_acc[name][1] for name in curves or by_name}, f"{' or '.join(sorted(splits))} accuracy",
                 out_dir / "epoch_acc.png")
-    ladders = ablations(records)
+    ladders = ablations(groups)
     if ladders:
         print(f"ablation: wrote {out_dir}/ablation.md, {', '.join(write_ablations(ladders, out_dir))}")
     if pending:
@@ -197,10 +257,12 @@ def main(argv=None):
     parser.add_argument("--out", default=str(OUT_DIR), help=f"folder for the report (default {OUT_DIR}/)")
     parser.add_argument("--curves", nargs="+", metavar="NAME", help="experiments whose per-epoch accuracy "
                         "curves to overlay (default: all)")
+    parser.add_argument("--reference", default="final", metavar="VARIANT",
+                        help="the variant every other one's test accuracy is compared with (default: final)")
     parser.add_argument("-n", "--num", type=int, default=1,
                         help="experiments of the last N commits, as dvc exp show -n (default 1; -1: all)")
     args = parser.parse_args(argv)
-    records = compare(args.out, args.curves, args.num)
+    records = compare(args.out, args.curves, args.num, args.reference)
     print(f"compared {len(records)} experiment(s): wrote {args.out}/experiments.md, accuracy_vs_params.png, "
           "epoch_acc.png")
 

@@ -99,14 +99,20 @@ def variant_params(variant, width_divisor=1, overrides=()):
     return params
 
 
-def planned(names, experiments, width_divisor=1, overrides=(), prefix=""):
-    """[(experiment name, {key: value as -S writes it})] of the chosen ones of `experiments`."""
+def planned(names, experiments, width_divisor=1, overrides=(), prefix="", seeds=()):
+    """[(experiment name, {key: value as -S writes it})] of the chosen ones of `experiments`; with `seeds`,
+    each once per seed, named NAME-sK (train.seed=K), which tools.compare groups back into its variant."""
     unknown = [n for n in names if n not in experiments]
     if unknown:
         raise UserError(f"unknown variant {', '.join(unknown)} (known: {', '.join(experiments)})")
     if width_divisor < 1:
         raise UserError(f"--width-divisor {width_divisor}: must be an integer >= 1")
-    return [(prefix + name, variant_params(experiments[name], width_divisor, overrides)) for name in names]
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: must be different integers >= 0")
+    runs = [(name, name, {}) for name in names] if not seeds else [
+        (name, f"{name}-s{seed}", {"train.seed": str(seed)}) for name in names for seed in seeds]
+    return [(prefix + run, {**variant_params(experiments[name], width_divisor, overrides), **seed})
+            for name, run, seed in runs]
 
 
 def command_line(name, params, force=False):
@@ -147,6 +153,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, metavar="N", help="train every variant N epochs (-S train.epochs=N)")
     parser.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="set a params.yaml key in every variant (repeatable), e.g. -S train.seed=1")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[], metavar="K",
+                        help="queue every variant (or rung) once per seed, named NAME-sK; tools.compare reports "
+                             "each variant's mean ± std over them")
     parser.add_argument("--prefix", default="", help="prepended to every experiment name, e.g. cpu-")
     parser.add_argument("--force", action="store_true", help="replace experiments of the same names")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, queue nothing")
@@ -157,7 +166,7 @@ def main(argv=None):
     overrides = ([f"train.epochs={args.epochs}"] if args.epochs else []) + args.overrides
     recipe = study()
     chosen = ladder(recipe) if args.ablation else variants(recipe)
-    experiments = planned(args.only or list(chosen), chosen, args.width_divisor, overrides, args.prefix)
+    experiments = planned(args.only or list(chosen), chosen, args.width_divisor, overrides, args.prefix, args.seeds)
     for name, params in experiments:
         print(command_line(name, params, args.force), flush=True)
     if not args.dry_run:
