@@ -164,15 +164,16 @@ def plot_ablation(rungs, path):
     accuracy = [100 * s.mean for s in summaries]
     bars = ax.bar([r["rung"] for r in rungs], accuracy, yerr=[100 * (s.std or 0) for s in summaries], capsize=3,
                   color="tab:blue")
-    for bar, r, value in zip(bars, rungs, accuracy):
+    for bar, r, value, summary in zip(bars, rungs, accuracy, summaries):
         gain = r["gain"]
         label = "" if gain is None else f"{100 * gain.delta:+.2f}" + (
             "" if r["gain_over"] == r["index"] - 1 else f" vs {r['gain_over']}")
         colour = "black" if gain is None else "grey" if gain.within_noise else \
             "tab:red" if gain.delta < 0 else "black"
-        ax.annotate(f"{value:.2f}\n{label}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        top = bar.get_height() + 100 * (summary.std or 0)  # above the error bar
+        ax.annotate(f"{value:.2f}\n{label}", (bar.get_x() + bar.get_width() / 2, top),
                     xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8, color=colour)
-    low, high = min(accuracy), max(accuracy)
+    low, high = min(accuracy), max(a + 100 * (s.std or 0) for a, s in zip(accuracy, summaries))
     ax.set_ylim(max(0, low - 2 * max(1, high - low)), min(100, high + 0.6 * max(1, high - low)) + 0.5)
     metric = "validation" if rungs[0]["chosen_by"] == "validation_accuracy" else "test"
     ax.set_ylabel(f"{metric} accuracy (%), mean ± std over seeds")
