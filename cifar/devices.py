@@ -21,6 +21,9 @@ from pydantic import Field
 from .params import FLAG, Section, text
 from .workspace import UserError
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
+DEVICE_ALLOWED = "auto, cpu, cuda or cuda:K (K: a GPU index)"
+
 
 class System(Section):
     """The `system` section: where and how a run executes, never what it computes, so no stage depends on it
@@ -29,7 +32,7 @@ class System(Section):
     rendezvous address and port cannot change them at all, nor can the device (on one kind of device; the
     checkpoint's fingerprint holds the device type)."""
     section = "system"
-    device: text(r"^(auto|cpu|cuda|cuda:\d+)$", "auto, cpu, cuda or cuda:K (K: a GPU index)")
+    device: text(DEVICE_PATTERN, DEVICE_ALLOWED)
     compile: FLAG
     master_addr: text()
     master_port: Annotated[int, Field(ge=1, le=65535, description="a TCP port, an integer from 1 to 65535")]

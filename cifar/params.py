@@ -1,7 +1,7 @@
 """params.yaml: loading, and each section a stage reads checked against its pydantic schema before the stage does
 any work. Each schema lives beside the code that reads its section (data.DataParams, model.ModelParams,
-training.Recipe, augment.EvaluateParams, devices.System), so a stage's code deps hold only the schemas of the
-sections it reads: a new `train` key leaves download and stats up to date."""
+training.Recipe, augment.EvaluateParams, export.ExportParams, devices.System), so a stage's code deps hold only
+the schemas of the sections it reads: a new `train` key leaves download and stats up to date."""
 import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .workspace import UserError
 
 PARAMS_FILE = Path("params.yaml")
-SECTIONS = ("data", "model", "train", "evaluate", "system")  # params.yaml's sections, in its order
+SECTIONS = ("data", "model", "train", "evaluate", "export", "system")  # params.yaml's sections, in its order
 
 
 class _Loader(yaml.SafeLoader):
@@ -39,9 +39,9 @@ def integer(minimum):
     return Annotated[int, Field(ge=minimum, description=f"an integer >= {minimum}")]
 
 
-def number(*, gt=None, ge=None, lt=None):
-    bounds = " and ".join(f"{op} {v}" for op, v in [(">", gt), (">=", ge), ("<", lt)] if v is not None)
-    return Annotated[float, Field(gt=gt, ge=ge, lt=lt, allow_inf_nan=False, description=f"a number {bounds}")]
+def number(*, gt=None, ge=None, lt=None, le=None):
+    bounds = " and ".join(f"{op} {v}" for op, v in [(">", gt), (">=", ge), ("<", lt), ("<=", le)] if v is not None)
+    return Annotated[float, Field(gt=gt, ge=ge, lt=lt, le=le, allow_inf_nan=False, description=f"a number {bounds}")]
 
 
 def one_of(*choices):

@@ -10,6 +10,7 @@ DATA_DIR = Path("data")
 BATCHES_DIR = DATA_DIR / "cifar-10-batches-py"  # the archive's folder (cifar10.ARCHIVE_FOLDER), extracted as is
 STATS_FILE = DATA_DIR / "stats.json"
 MODEL_FILE = Path("models/model.pt")
+ONNX_FILE = Path("models/model.onnx")  # the export stage's: model.pt with its normalization, for onnxruntime
 SUMMARY_FILE = Path("models/summary.txt")  # torchsummary's layer table
 TRAIN_LOG_DIR = Path("metrics/train")  # DVCLive: metrics.json (last epoch's values) + plots/metrics/**.tsv
 CURVES_DIR = TRAIN_LOG_DIR / "plots" / "metrics"
@@ -18,6 +19,8 @@ EVALUATE_DIR = Path("metrics/evaluate")
 TEST_METRICS_FILE = EVALUATE_DIR / "metrics.json"  # test accuracy and loss
 PER_CLASS_FILE = EVALUATE_DIR / "per_class.json"  # test accuracy per class: a plot, not a column
 CONFUSION_FILE = EVALUATE_DIR / "confusion.json"
+EXPORT_DIR = Path("metrics/export")
+EXPORT_METRICS_FILE = EXPORT_DIR / "metrics.json"  # the ONNX file against PyTorch: largest logit difference, agreement
 PLOTS_DIR = Path("plots")
 
 

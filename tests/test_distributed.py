@@ -195,7 +195,7 @@ def repo(data_repo, tmp_path_factory):
 
 def test_repro_on_two_processes_writes_every_output_once_and_learns(repo):
     output = dvc(repo, "repro")
-    assert stages_run(output) == {"train", "evaluate", "plot"}
+    assert stages_run(output) == {"train", "evaluate", "export", "plot"}
     assert "2 processes" in output and output.count("final test acc") == 1  # rank 1 prints nothing
     for path in OUTPUTS:
         assert (repo / path).is_file() and (repo / path).stat().st_size > 0, path

@@ -15,7 +15,7 @@ README = REPO / "README.md"
 README_LIMIT = 12 * 1024  # bytes: a newcomer's one screenful; the rest belongs in docs/
 DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
-SECTIONS = ("data", "model", "train", "evaluate", "system")
+SECTIONS = ("data", "model", "train", "evaluate", "export", "system")
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 CODE_SPAN = re.compile(r"`[^`\n]*`")

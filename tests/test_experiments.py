@@ -200,7 +200,8 @@ def test_the_sweep_queues_two_tiny_experiments_and_the_queue_runs_them_at_once_e
 
 def test_an_experiment_on_weight_decay_reruns_train_evaluate_and_plot_and_changes_the_result(swept, trained_repo):
     repo = swept.repo
-    assert stages_run(dvc(repo, "queue", "logs", "wd-5e-4")) == {"train", "evaluate", "plot"}  # never the data's
+    # never the data's
+    assert stages_run(dvc(repo, "queue", "logs", "wd-5e-4")) == {"train", "evaluate", "export", "plot"}
     after, before = swept.results["wd-5e-4"]["metrics"], trained_repo.results["metrics"]
     assert after["train"]["loss"] != before["train"]["loss"] and after["test"] != before["test"]
     # dvc metrics diff and dvc plots diff compare it with the baseline

@@ -9,6 +9,7 @@ import yaml
 from cifar.augment import EvaluateParams
 from cifar.data import DataParams
 from cifar.devices import System
+from cifar.export import ExportParams
 from cifar.model import ModelParams
 from cifar.params import SECTIONS, check_section, load_params, read_params
 from cifar.training import Recipe
@@ -16,7 +17,8 @@ from cifar.workspace import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
-SCHEMAS = {schema.section: schema for schema in [DataParams, ModelParams, Recipe, EvaluateParams, System]}
+SCHEMAS = {schema.section: schema for schema in [DataParams, ModelParams, Recipe, EvaluateParams, ExportParams,
+                                                   System]}
 
 
 def check_params(params):
@@ -44,6 +46,7 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     tricks = {key: params["train"][key] for key in ["optimizer", "label_smoothing", "ema_decay", "cutout", "flip"]}
     assert tricks == {"optimizer": "adam", "label_smoothing": 0, "ema_decay": 0, "cutout": 0, "flip": "random"}
     assert params["evaluate"] == {"tta": "none"}
+    assert params["export"] == {"opset": 18, "max_logit_diff": 1e-3, "min_agreement": 0.999}
 
 
 def test_every_section_has_one_schema_and_the_schemas_have_no_defaults():
@@ -100,6 +103,9 @@ def test_a_stage_checks_only_the_sections_it_reads():
     ("train.cutout", 2.5, "integer >= 0"),
     ("train.flip", "never", "must be one of random, alternating"),
     ("evaluate.tta", "crops", "one of none, flip, flip_translate"),
+    ("export.opset", 17, "an integer >= 18"),
+    ("export.max_logit_diff", -1e-3, "a number >= 0"),
+    ("export.min_agreement", 1.5, "a number >= 0 and <= 1"),
     ("train.max_lr", float("nan"), "a number > 0"),
     ("train.grad_clip", True, "a number > 0, or false"),
     ("model.max_params", "5M", "an integer >= 1"),

@@ -22,13 +22,13 @@ OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/m
            "metrics/train/plots/metrics/test/acc.tsv", "metrics/train/plots/metrics/lr.tsv",
            "metrics/evaluate/metrics.json", "metrics/evaluate/per_class.json", "metrics/evaluate/confusion.json",
            "plots/loss.png", "plots/accuracy.png", "plots/lr.png", "plots/confusion.png",
-           "plots/per_class_accuracy.png"]
+           "plots/per_class_accuracy.png", "models/model.onnx", "metrics/export/metrics.json"]
 TINY_PARAMS = 79_186  # [2, 1, 1, 1] x [8, 16, 32, 64], the test repositories' model
 
 
 def test_repro_runs_every_stage_in_order_and_git_holds_no_output(data_repo, trained_repo):
     assert stages_run(data_repo.output) == {"download", "stats"}
-    assert stages_run(trained_repo.output) == {"train", "evaluate", "plot"}  # the data stages were up to date
+    assert stages_run(trained_repo.output) == {"train", "evaluate", "export", "plot"}  # the data stages were up to date
     repo = trained_repo.repo
     for path in OUTPUTS:
         assert (repo / path).is_file() and (repo / path).stat().st_size > 0, path

@@ -42,7 +42,7 @@ def without_evaluation(found):
 
 
 def test_an_uninterrupted_run_leaves_no_checkpoint(trained_repo):
-    assert stages_run(trained_repo.output) == {"train", "evaluate", "plot"}
+    assert stages_run(trained_repo.output) == {"train", "evaluate", "export", "plot"}
     assert "resuming" not in trained_repo.output and "starting afresh" not in trained_repo.output
     assert not (trained_repo.repo / CHECKPOINT).exists()  # done: a forced rerun trains afresh
 

@@ -20,13 +20,15 @@ from cifar import imports
 from cifar.augment import EvaluateParams
 from cifar.data import DataParams
 from cifar.devices import System
+from cifar.export import ExportParams
 from cifar.model import ModelParams
 from cifar.training import Recipe
-from stages import download, evaluate, plot, stats, train
+from stages import download, evaluate, export, plot, stats, train
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = DVC_YAML["stages"]
-SCHEMAS = {schema.section: schema for schema in [DataParams, ModelParams, Recipe, EvaluateParams, System]}
+SCHEMAS = {schema.section: schema for schema in [DataParams, ModelParams, Recipe, EvaluateParams, ExportParams,
+                                                   System]}
 
 
 # Code: the stage script and every project module it imports, transitively (cifar/imports.py reads them)
@@ -152,7 +154,7 @@ def reads(tmp_path_factory, archive_dir, monkeypatch_module):
     (folder / "params.yaml").write_text(yaml.safe_dump(values))
     found = {}
     for name, module, args in [("download", download, ()), ("stats", stats, ()), ("train", train, ([],)),
-                               ("evaluate", evaluate, ()), ("plot", plot, ())]:
+                               ("evaluate", evaluate, ()), ("export", export, ()), ("plot", plot, ())]:
         log = set()
         if hasattr(module, "load_params"):
             monkeypatch_module.setattr(module, "load_params",
@@ -179,7 +181,8 @@ def test_each_stage_declares_exactly_the_params_it_reads(reads, name):
 def test_train_and_evaluate_read_system_and_no_stage_depends_on_it(reads):
     assert {key for key in reads["train"] if key.startswith("system.")} == {f"system.{k}" for k in System.model_fields}
     assert {key for key in reads["evaluate"] if key.startswith("system.")} == {"system.device"}
-    assert not any(key.startswith("system.") for name in ["download", "stats", "plot"] for key in reads[name])
+    assert not any(key.startswith("system.") for name in ["download", "stats", "export", "plot"]
+                   for key in reads[name])
     assert not any(key.startswith("system") for name in STAGES for key in declared_keys(name))
 
 

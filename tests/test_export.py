@@ -1,0 +1,77 @@
+"""The export stage: models/model.onnx computes what models/model.pt computes (normalization included, any batch
+size), carries the class names, and a file that disagrees with PyTorch beyond the tolerances fails the stage and
+leaves nothing behind."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+import yaml
+from conftest import CLASSES, TEST_IMAGES
+from dvcrepo import REPO, read_json
+
+from cifar import export
+from cifar.augment import Normalizer
+from cifar.data import load_split
+from cifar.model import load_model
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())["export"]
+
+
+def test_the_tiny_pipelines_onnx_file_agrees_with_pytorch_within_the_tolerances(trained_repo):
+    metrics = read_json(trained_repo.repo, "metrics/export/metrics.json")
+    assert metrics["images"] == TEST_IMAGES and metrics["opset"] == PARAMS["opset"]
+    assert 0 <= metrics["max_logit_diff"] <= PARAMS["max_logit_diff"]
+    assert metrics["agreement"] >= PARAMS["min_agreement"]
+    evaluated = read_json(trained_repo.repo, "metrics/evaluate/metrics.json")
+    assert metrics["onnx_accuracy"] == pytest.approx(evaluated["accuracy"], abs=1 / TEST_IMAGES)
+
+
+def test_the_onnx_file_takes_raw_pixels_of_any_batch_size_and_names_its_classes(trained_repo):
+    """Checked here independently of the stage's own check: onnxruntime on 7 raw uint8 images as float, against
+    PyTorch normalizing them as evaluate does."""
+    repo = trained_repo.repo
+    proto = onnx.load(repo / "models/model.onnx")
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(metadata["classes"]) == CLASSES and metadata["opset"] == str(PARAMS["opset"])
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [PARAMS["opset"]]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, free batch dimension
+    images, _ = load_split(repo / "data/cifar-10-batches-py", "test")
+    model, checkpoint = load_model(repo / "models/model.pt")
+    normalize = Normalizer(checkpoint["stats"]["mean"], checkpoint["stats"]["std"], "cpu")
+    with torch.no_grad():
+        expected = model.eval()(normalize(images[:7])).numpy()
+    session = onnxruntime.InferenceSession(str(repo / "models/model.onnx"), providers=["CPUExecutionProvider"])
+    (found,) = session.run(None, {"images": images[:7].numpy().astype(np.float32)})
+    assert found.shape == (7, 10) and np.abs(found - expected).max() <= PARAMS["max_logit_diff"]
+
+
+@pytest.fixture
+def workdir(trained_repo, tmp_path):
+    """The export stage's inputs, and the outputs of an earlier run, in a folder of their own."""
+    for path in ["params.yaml", "data/cifar-10-batches-py", "models/model.pt", "models/model.onnx",
+                 "metrics/export"]:
+        copy = shutil.copytree if (trained_repo.repo / path).is_dir() else shutil.copy
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        copy(trained_repo.repo / path, tmp_path / path)
+    return tmp_path
+
+
+def test_an_export_that_disagrees_with_pytorch_fails_and_leaves_nothing(workdir, stage, monkeypatch):
+    """A broken export (the normalization forgotten in the graph) is caught by the check: a one-line error naming
+    the tolerance, and neither the ONNX file nor the metrics, nor a temporary file, remains."""
+    monkeypatch.setattr(export.Normalized, "forward", lambda self, images: self.model(images / 255))
+    ran = stage(workdir, "export")
+    assert ran.code == 1 and ran.err.count("\n") == 1, ran.output
+    assert ran.err.startswith("error: models/model.onnx: the ONNX model disagrees with PyTorch")
+    assert "export.max_logit_diff = 0.001" in ran.err and "export.min_agreement = 0.999" in ran.err
+    assert sorted(p.name for p in (workdir / "models").iterdir()) == ["model.pt"]
+    assert not (workdir / "metrics/export/metrics.json").exists()
+    monkeypatch.undo()  # the same folder with the real export: it passes
+    ran = stage(workdir, "export")
+    assert ran.code == 0 and "top-1 agreement 1.0000" in ran.out, ran.output
+    assert (workdir / "models/model.onnx").is_file() and (workdir / "metrics/export/metrics.json").is_file()
+
