@@ -103,3 +103,35 @@ def test_the_benchmark_runs_on_the_device_system_device_chooses(tmp_path, monkey
     monkeypatch.setattr(bench, "choose_device", lambda setting: asked.append(setting) or (CPU, None))
     bench.main(["--params", str(tmp_path / "params.yaml"), *TINY, "--precision", "fp32"])
     assert asked == ["cpu"] and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["device"].startswith("cpu")
+
+
+def test_the_reported_rates_flops_and_mfu_follow_from_the_timings(monkeypatch):
+    """The timer stubbed: every figure of the report against its formula, from known seconds per call."""
+    monkeypatch.setattr(bench, "choose_device", lambda setting: (CPU, None))
+    for mode in ["project", "reference", "ceiling"]:
+        monkeypatch.setattr(bench, f"{mode}_runner", lambda args, device: lambda steps: None)
+    monkeypatch.setattr(bench, "flops_per_image", lambda args, device: 3e9)
+    monkeypatch.setattr(bench.torch, "randn", lambda *size, device=None: torch.ones(2, 2))  # no real 2048^2 product
+    # 2 rounds of project, reference, ceiling (the best round counts), then the matrix product's 5 repetitions
+    seconds = iter([0.5, 2.0, 0.25, 0.4, 4.0, 0.5, 0.2, 0.1, 0.3, 0.125, 0.4])
+    monkeypatch.setattr(bench, "timed", lambda device, work: next(seconds))
+    result = bench.main(["--params", str(REPO / "params.yaml"), "--steps", "2", "--rounds", "2", "--batch-size",
+                         "16", "--precision", "fp32"])
+    assert next(seconds, None) is None  # every timing used
+    images = 16 * 2
+    rates = {"project": images / 0.4, "reference": images / 2.0, "ceiling": images / 0.25}  # 80, 16, 128 /s
+    peak = 2 * 2048 ** 3 / 0.1  # FLOP/s of the fastest product
+    assert {mode: result[f"{mode}_images_per_s"] for mode in rates} == {"project": 80.0, "reference": 16.0,
+                                                                        "ceiling": 128.0}
+    assert result["project_vs_reference"] == 5.0 and result["project_vs_ceiling"] == 0.625
+    assert result["gflops_per_image"] == 3.0 and result["matmul_tflop_per_s"] == round(peak / 1e12, 4) == 0.1718
+    for mode, rate in rates.items():
+        assert result[f"{mode}_tflop_per_s"] == round(rate * 3e9 / 1e12, 4)
+        assert result[f"{mode}_mfu"] == round(rate * 3e9 / peak, 4)
+    assert (result["project_tflop_per_s"], result["project_mfu"]) == (0.24, 1.397)  # 80 * 3e9; / 1.718e11
+
+
+def test_timed_measures_the_work_between_two_clock_readings(monkeypatch):
+    clock, done = iter([10.0, 12.5]), []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    assert bench.timed(CPU, lambda: done.append(1)) == 2.5 and done == [1]

@@ -131,6 +131,20 @@ def test_cuda_visible_devices_limits_the_choice(four_gpus, monkeypatch):
     claim.release()
 
 
+def test_a_claimed_gpu_is_the_cuda_index_of_its_position_not_its_id(four_gpus, monkeypatch):
+    """CUDA numbers the visible GPUs from 0 in CUDA_VISIBLE_DEVICES's order: GPU 0, listed second, is cuda:1,
+    and GPU 2, listed first, is cuda:0."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    device, claim = choose_device("auto", lock_dir=four_gpus)
+    assert (device, claim.gpus) == (torch.device("cuda", 0), ["2"])
+    other_device, other = choose_device("cuda", lock_dir=four_gpus)  # GPU 2 held: the next listed
+    assert (other_device, other.gpus) == (torch.device("cuda", 1), ["0"])
+    assert launch_environment(other) == {"CUDA_VISIBLE_DEVICES": "0"}
+    claim.release()
+    other.release()
+
+
 def test_without_a_gpu_auto_is_the_cpu_and_cuda_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
