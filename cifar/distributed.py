@@ -10,7 +10,6 @@ import argparse
 import atexit
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .workspace import UserError
-
-# The exit status of a rank stopped by bad input (a UserError: params, data files): torchrun restarts ranks
-# that crash (system.max_restarts), but a rank with this status would fail the same way again, so it is not.
-BAD_INPUT_EXIT = 3
 
 
 @dataclass(frozen=True)
@@ -76,9 +71,8 @@ def node_rank(argv, recipe):
 
 def torchrun_args(recipe, system, node, module):
     """torchrun's command line for the ranks of this node: one node on its own (--standalone: a free local
-    port), or several meeting at system.master_addr:system.master_port (static rendezvous, node 0 hosts it).
-    After a rank fails, torchrun restarts all of them up to system.max_restarts times."""
-    args = [f"--nproc-per-node={recipe.nproc}", f"--max-restarts={system.max_restarts}"]
+    port), or several meeting at system.master_addr:system.master_port (static rendezvous, node 0 hosts it)."""
+    args = [f"--nproc-per-node={recipe.nproc}"]
     if recipe.nnodes == 1:
         args.append("--standalone")
     else:
@@ -87,61 +81,24 @@ def torchrun_args(recipe, system, node, module):
     return args + ["-m", module]
 
 
-def _no_restart_after_bad_input(agent_class):
-    """torchrun's agent, except that a rank which exited with BAD_INPUT_EXIT uses up the restarts: the group
-    fails at once instead of retrying what cannot succeed."""
-    class Agent(agent_class):
-        def _monitor_workers(self, worker_group):
-            result = super()._monitor_workers(worker_group)
-            if any(failure.exitcode == BAD_INPUT_EXIT for failure in result.failures.values()):
-                self._remaining_restarts = 0
-            return result
-    return Agent
-
-
 def launch(recipe, system, node, module, environment):
     """Run `python -m module` as recipe.nproc ranks on this node through torchrun's own launcher, with
     `environment` added to theirs (the GPUs this launcher claimed for them), and wait. When a rank fails,
     torchrun stops the others; the failure becomes one UserError line (the rank's own error is printed above
     it)."""
-    from unittest import mock
-
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher import api
 
     args = torchrun_args(recipe, system, node, module)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(recipe.nproc)))
     os.environ.update(environment)  # torchrun's ranks inherit this process's environment
     sys.stdout.flush()
     try:
-        with mock.patch.object(api, "LocalElasticAgent", _no_restart_after_bad_input(api.LocalElasticAgent)):
-            torchrun.run(torchrun.parse_args(args))
+        torchrun.run(torchrun.parse_args(args))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        if failure.exitcode == BAD_INPUT_EXIT:
-            raise UserError(f"training on {recipe.world_size} processes failed: rank {rank} stopped on bad input "
-                            "(its error is above), not restarted, and torchrun stopped the others")
         raise UserError(f"training on {recipe.world_size} processes failed: rank {rank} exited with code "
-                        f"{failure.exitcode} (its error is above) after {system.max_restarts} restart(s) "
-                        "(system.max_restarts), and torchrun stopped the others")
-
-
-@contextmanager
-def bad_input_status():
-    """In a rank, a UserError without an exit status of its own exits with BAD_INPUT_EXIT, which torchrun's
-    agent does not restart (a signal's Stopped keeps 128 + signum: a killed rank is restarted)."""
-    try:
-        yield
-    except UserError as e:
-        if under_torchrun() and not hasattr(e, "exit_status"):
-            e.exit_status = BAD_INPUT_EXIT
-        raise
-
-
-def restarts():
-    """(restarts so far, the most allowed) of this rank's group, as torchrun's agent tells its ranks."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+                        f"{failure.exitcode} (its error is above), and torchrun stopped the others")
 
 
 def setup(device):
@@ -164,9 +121,6 @@ def setup(device):
     context = Context(device, dist.get_rank(), dist.get_world_size())
     if not context.is_main:
         sys.stdout = open(os.devnull, "w")
-    done, most = restarts()
-    if done:
-        print(f"torchrun restarted the ranks after a failure (restart {done} of at most {most})", flush=True)
     return context
 
 

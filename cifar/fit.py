@@ -89,8 +89,9 @@ def split_data(recipe, num_classes):
 
 def restore(trainer, run_fingerprint, recipe):
     """The Progress of the interrupted run the checkpoint holds (the trainer restored to it), or a fresh one.
-    Rank 0 alone saves it and reads it, and sends it to every rank, on every node (resume.load_checkpoint)."""
-    progress = load_checkpoint(CHECKPOINT_FILE, run_fingerprint, trainer)
+    Every rank restores the same state from models/, which a single node's ranks share; rank 0 alone saves
+    it. Other nodes do not have it, so a run over several nodes always starts afresh."""
+    progress = None if recipe.nnodes > 1 else load_checkpoint(CHECKPOINT_FILE, run_fingerprint, trainer)
     if progress:
         print(f"resuming from {CHECKPOINT_FILE} after epoch {progress.finished}/{recipe.epochs}")
     else:

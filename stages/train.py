@@ -23,13 +23,7 @@ def main(argv=None):
 
     With train.nproc * train.nnodes > 1 this first process is only the launcher: it claims the node's GPUs,
     then torchrun starts `python -m stages.train` once per rank, and every rank comes back through main(),
-    passes the same checks (cheap, and each rank needs their results) and, being under torchrun, trains. A
-    rank's bad input exits with its own status, which torchrun does not restart (crashes it does)."""
-    with distributed.bad_input_status():
-        run(argv)
-
-
-def run(argv):
+    passes the same checks (cheap, and each rank needs their results) and, being under torchrun, trains."""
     params = load_params(ModelParams, Recipe, devices.System)
     recipe, system = Recipe.from_params(params), devices.System(**params["system"])
     node = distributed.node_rank(argv, recipe)

@@ -41,13 +41,12 @@ def test_a_rank_crops_its_part_exactly_as_one_process_crops_the_whole_batch():
 
 
 def test_torchrun_command_lines_for_one_node_and_for_several():
-    assert torchrun_args(TRAIN, SYSTEM, 0, "stages.train") == ["--nproc-per-node=2", "--max-restarts=3",
-                                                               "--standalone", "-m", "stages.train"]
-    nodes, meeting = changed(TRAIN, nproc=8, nnodes=2), changed(SYSTEM, master_addr="10.0.0.1", master_port=29400,
-                                                                max_restarts=0)
+    assert torchrun_args(TRAIN, SYSTEM, 0, "stages.train") == ["--nproc-per-node=2", "--standalone", "-m",
+                                                               "stages.train"]
+    nodes, meeting = changed(TRAIN, nproc=8, nnodes=2), changed(SYSTEM, master_addr="10.0.0.1", master_port=29400)
     assert torchrun_args(nodes, meeting, 1, "stages.train") == [
-        "--nproc-per-node=8", "--max-restarts=0", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1",
-        "--master-port=29400", "-m", "stages.train"]
+        "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
+        "-m", "stages.train"]
 
 
 def test_node_rank_comes_from_the_command_line_and_must_name_a_node():
