@@ -132,6 +132,14 @@ def test_unknown_and_missing_keys_and_sections_are_named(tmp_path):
         check_params(params)
 
 
+def test_a_section_s_own_check_is_the_whole_message():
+    """pydantic's 'Value error, ' prefix is not shown: the line is the file and what is wrong."""
+    with pytest.raises(UserError) as error:
+        check_params(with_value("model.blocks", [2, 1, 1]))
+    assert str(error.value) == ("params.yaml: model.blocks [2, 1, 1] and model.widths [64, 128, 256, 512] must have "
+                                "the same length (one entry per layer)")
+
+
 def test_blocks_and_widths_need_one_entry_per_layer():
     with pytest.raises(UserError, match=r"model.blocks \[2, 1, 1\] and model.widths \[64, 128, 256, 512\] must have "
                                         r"the same length \(one entry per layer\)"):
