@@ -13,6 +13,7 @@ import json
 import torch
 from torch import nn
 
+from .augment import Normalizer
 from .params import Section, integer, number
 from .runtime import CLASSES_KEY, OnnxModel, TorchModel
 from .workspace import UserError, atomic_path, write_json
@@ -34,11 +35,10 @@ class Normalized(nn.Module):
 
     def __init__(self, model, mean, std):
         super().__init__()
-        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.model = model
-        # Normalizer's scale and shift, so both sides compute the same operations
-        self.register_buffer("scale", 1 / (255 * std))
-        self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std)
+        normalizer = Normalizer(mean, std, torch.device("cpu"))  # its scale and shift: both sides compute the same
+        self.register_buffer("scale", normalizer.scale)
+        self.register_buffer("shift", normalizer.shift)
 
     def forward(self, images):
         return self.model(images * self.scale + self.shift)

@@ -97,6 +97,11 @@ def markdown_table(records):
     return "\n".join(lines) + "\n"
 
 
+# a variant's shape (its first run's), and what is summarized over its seeds
+SHAPE = ["blocks", "widths", "weight_decay", "epochs", "params"]
+SUMMARIZED = ["accuracy", "accuracy_without_tta", "validation_accuracy", "wall_time_s"]
+
+
 def variant_groups(records):
     """The experiments grouped by variant (tools.sweep --seeds names a variant's runs VARIANT-sK), in order of
     their first run: each with its runs and the Summary of its test accuracy (with evaluate.tta), test
@@ -107,10 +112,6 @@ def variant_groups(records):
     return [{"variant": variant, "runs": runs, **{key: runs[0][key] for key in SHAPE},
              **{key: summarize([r[key] for r in runs]) for key in SUMMARIZED}}
             for variant, runs in groups.items()]
-
-
-SHAPE = ["blocks", "widths", "weight_decay", "epochs", "params"]
-SUMMARIZED = ["accuracy", "accuracy_without_tta", "validation_accuracy", "wall_time_s"]
 
 
 def _summary(summary):
