@@ -30,12 +30,14 @@ class System(Section):
     and changing it neither reruns training nor invalidates a checkpoint. compile is here because
     torch.compile changes the results only by floating-point rounding (as another GPU model would); the
     rendezvous address and port cannot change them at all, nor can the device (on one kind of device; the
-    checkpoint's fingerprint holds the device type)."""
+    checkpoint's fingerprint holds the device type), nor can how often torchrun restarts crashed ranks (they
+    resume from the checkpoint bit for bit)."""
     section = "system"
     device: text(DEVICE_PATTERN, DEVICE_ALLOWED)
     compile: FLAG
     master_addr: text()
     master_port: Annotated[int, Field(ge=1, le=65535, description="a TCP port, an integer from 1 to 65535")]
+    max_restarts: Annotated[int, Field(ge=0, description="an integer >= 0")]
 
 
 LOCK_DIR = Path(tempfile.gettempdir()) / "cifar10-resnet-gpus"  # one for the machine: every checkout, every run

@@ -20,11 +20,12 @@ from .workspace import BATCHES_DIR, MODEL_FILE, RUN_METRICS_FILE, SUMMARY_FILE, 
 LONG_CPU_RUN_S = 3600  # past this estimate on a CPU, point to the quick run
 
 
-def fit(model_params, recipe, system, model, stats, classes, device, claim):
-    """Train `model` by `recipe` (its precision resolved) on `device`; rank 0 writes the model and metrics."""
+def fit(model_params, recipe, system, model, stats, classes, device, claim, node=0):
+    """Train `model` by `recipe` (its precision resolved) on `device`, as one rank of node `node` under
+    torchrun; the main rank writes the model and metrics."""
     # The data, read before the ranks meet (a bad batch stops each rank alone, in one line), then on the device
     train, monitor, monitor_split = split_data(recipe, len(classes))
-    context = distributed.setup(device)  # under torchrun: joins the process group, takes cuda:LOCAL_RANK
+    context = distributed.setup(device, node)  # under torchrun: joins the process group, takes cuda:LOCAL_RANK
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     data = Data.on_device(train, monitor, stats, context.device, monitor_split)
     if context.is_main:
@@ -34,7 +35,7 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim):
     # Build the run, or restore it from the checkpoint of an interrupted one
     trainer = make_trainer(model, recipe, context, system.compile, len(data.labels))
     run_fingerprint = fingerprint(model_params, recipe, context.device)
-    progress = restore(trainer, run_fingerprint, recipe)
+    progress = restore(trainer, run_fingerprint, recipe, context)
     where = devices.describe(context.device, claim)
     print(f"training {num_params:,} parameters on {where} in {recipe.precision}"
           f"{', compiled' if system.compile else ''}"
@@ -87,11 +88,11 @@ def split_data(recipe, num_classes):
     return (images[kept], labels[kept]), (images[held], labels[held]), "validation"
 
 
-def restore(trainer, run_fingerprint, recipe):
+def restore(trainer, run_fingerprint, recipe, context):
     """The Progress of the interrupted run the checkpoint holds (the trainer restored to it), or a fresh one.
-    Every rank restores the same state from models/, which a single node's ranks share; rank 0 alone saves
-    it. Other nodes do not have it, so a run over several nodes always starts afresh."""
-    progress = None if recipe.nnodes > 1 else load_checkpoint(CHECKPOINT_FILE, run_fingerprint, trainer)
+    The main rank alone saves it and reads it, and sends it to every rank, on every node
+    (resume.load_checkpoint)."""
+    progress = load_checkpoint(CHECKPOINT_FILE, run_fingerprint, trainer, context.main_rank)
     if progress:
         print(f"resuming from {CHECKPOINT_FILE} after epoch {progress.finished}/{recipe.epochs}")
     else:

@@ -1,5 +1,5 @@
 """The train stage's log, through DVCLive: one point per epoch on every curve (metrics/train/plots/metrics/),
-and DVCLive's metrics.json of the last epoch's values. Only rank 0 logs; the other ranks get NoLive."""
+and DVCLive's metrics.json of the last epoch's values. Only the main rank logs; the other ranks get NoLive."""
 from dvclive import Live
 
 from .workspace import TRAIN_LOG_DIR
@@ -26,7 +26,7 @@ class NoLive:
 
 
 def open_log(context):
-    """DVCLive on rank 0 (dvc.yaml declares the plots, so DVCLive leaves it alone); NoLive elsewhere."""
+    """DVCLive on the main rank (dvc.yaml declares the plots, so DVCLive leaves it alone); NoLive elsewhere."""
     if context.is_main:
         return Live(dir=str(TRAIN_LOG_DIR), dvcyaml=False, save_dvc_exp=False)
     return NoLive()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .imports import code_of
 from .workspace import BATCHES_DIR, STATS_FILE, UserError, atomic_path
@@ -72,9 +73,22 @@ def save_checkpoint(path, run_fingerprint, progress, trainer):
         torch.save(state, tmp)
 
 
-def load_checkpoint(path, run_fingerprint, trainer):
+def load_checkpoint(path, run_fingerprint, trainer, main_rank=0):
     """Restore the trainer's state from `path` and return its Progress, or return None (saying why) when
-    there is no checkpoint or it belongs to other params, data or code: training then starts afresh."""
+    there is no checkpoint or it belongs to other params, data or code: training then starts afresh. On
+    several ranks, the main rank (the one that saved it) alone reads it and sends it to every rank over the
+    process group, so the ranks of other nodes resume without a shared file system."""
+    distributed = dist.is_available() and dist.is_initialized()
+    state = read_checkpoint(path, run_fingerprint) if not distributed or dist.get_rank() == main_rank else None
+    if distributed:
+        box = [state]
+        dist.broadcast_object_list(box, src=main_rank)
+        state = box[0]
+    return None if state is None else restore_state(state, trainer)
+
+
+def read_checkpoint(path, run_fingerprint):
+    """The checkpoint's state, or None (saying why) when there is none or it is another run's."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -87,6 +101,11 @@ def load_checkpoint(path, run_fingerprint, trainer):
     if stale:
         print(f"{path}: from other params, data or code; starting afresh")
         return None
+    return state
+
+
+def restore_state(state, trainer):
+    """The trainer restored to a checkpoint's state; returns its Progress."""
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])

@@ -243,7 +243,7 @@ def monitor_scores(trainer, data, recipe, context):
     """(mean loss, accuracy) of the run's model (trainer.result) on the images every epoch is scored on
     (data.monitor_*), without test-time augmentation (cheap, and the curves stay comparable across
     evaluate.tta). On several ranks, every rank
-    takes rank 0's buffers (the model rank 0 saves), scores its own shard of the set, and the sums are
+    takes rank 0's buffers (the model the main rank saves), scores its own shard of the set, and the sums are
     all-reduced."""
     images, labels = data.monitor_images, data.monitor_labels
     model = trainer.result if trainer.ema is not None else trainer.eval_model

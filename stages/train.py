@@ -23,7 +23,13 @@ def main(argv=None):
 
     With train.nproc * train.nnodes > 1 this first process is only the launcher: it claims the node's GPUs,
     then torchrun starts `python -m stages.train` once per rank, and every rank comes back through main(),
-    passes the same checks (cheap, and each rank needs their results) and, being under torchrun, trains."""
+    passes the same checks (cheap, and each rank needs their results) and, being under torchrun, trains. A
+    rank's bad input exits with its own status, which torchrun does not restart (crashes it does)."""
+    with distributed.bad_input_status():
+        run(argv)
+
+
+def run(argv):
     params = load_params(ModelParams, Recipe, devices.System)
     recipe, system = Recipe.from_params(params), devices.System(**params["system"])
     node = distributed.node_rank(argv, recipe)
@@ -41,7 +47,7 @@ def main(argv=None):
     if distributed.needs_launch(recipe):
         distributed.launch(recipe, system, node, "stages.train", devices.launch_environment(claim))
     else:
-        fit(params["model"], recipe, system, model, stats, classes, device, claim)
+        fit(params["model"], recipe, system, model, stats, classes, device, claim, node)
 
 
 if __name__ == "__main__":

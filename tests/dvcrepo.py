@@ -40,10 +40,11 @@ def dvc(repo, *args, timeout=None):
     return run(repo, sys.executable, "-m", "dvc", *args, timeout=timeout)
 
 
-def start(repo, *args):
-    """A command running in the background in its own process group (to signal it and its children)."""
-    return subprocess.Popen(args, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def start(repo, *args, **environment):
+    """A command running in the background in its own process group (to signal it and its children), with
+    `environment` added to env()."""
+    return subprocess.Popen(args, cwd=repo, env={**env(), **environment}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def stages_run(output):

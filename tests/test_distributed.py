@@ -41,12 +41,14 @@ def test_a_rank_crops_its_part_exactly_as_one_process_crops_the_whole_batch():
 
 
 def test_torchrun_command_lines_for_one_node_and_for_several():
-    assert torchrun_args(TRAIN, SYSTEM, 0, "stages.train") == ["--nproc-per-node=2", "--standalone", "-m",
-                                                               "stages.train"]
-    nodes, meeting = changed(TRAIN, nproc=8, nnodes=2), changed(SYSTEM, master_addr="10.0.0.1", master_port=29400)
+    assert torchrun_args(TRAIN, SYSTEM, 0, "stages.train") == ["--nproc-per-node=2", "--max-restarts=3",
+                                                               "--standalone", "-m", "stages.train"]
+    nodes, meeting = changed(TRAIN, nproc=8, nnodes=2), changed(SYSTEM, master_addr="10.0.0.1", master_port=29400,
+                                                                max_restarts=0)
     assert torchrun_args(nodes, meeting, 1, "stages.train") == [
-        "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
-        "-m", "stages.train"]
+        "--nproc-per-node=8", "--max-restarts=0", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-id=cifar10-resnet",
+        "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-conf=is_host=0", "-m", "stages.train", "--node-rank=1"]
+    assert "--rdzv-conf=is_host=1" in torchrun_args(nodes, meeting, 0, "stages.train")  # node 0 hosts it
 
 
 def test_node_rank_comes_from_the_command_line_and_must_name_a_node():
@@ -238,3 +240,45 @@ def test_an_error_on_the_ranks_stops_them_all_and_ends_in_one_line(two_process_r
     assert lines[-1].startswith("error: training on 2 processes failed: rank "), lines
     assert any(line.startswith("error: data/cifar-10-batches-py/data_batch_3: not a CIFAR-10 batch") for line in lines)
     assert not (two_process_repo / "models/model.pt").exists()
+
+
+def node_rank_main(rank, port, folder):
+    """A rank as torchrun starts it on a node of its own (LOCAL_RANK 0 on both), but with the nodes numbered
+    against their ranks, as the c10d rendezvous may: global rank 0 is on node 1, and node 0's rank is 1."""
+    import os
+
+    from cifar.distributed import setup, teardown
+    from cifar.resume import Progress, load_checkpoint, save_checkpoint
+    os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    node = 1 - rank
+    context = setup(CPU, node)
+    try:
+        torch.manual_seed(rank)  # different weights on each rank: the checkpoint must bring the main rank's
+        trainer = make_trainer(ResNet([1, 1, 1, 1], [8, 16, 32, 64]), TRAIN, context, False, 500)
+        own = folder / f"node{node}" / "checkpoint.pt"  # each node's own disk: only node 0 has a checkpoint
+        own.parent.mkdir(exist_ok=True)
+        if context.is_main:
+            save_checkpoint(own, "run", Progress(3, finished=2, best_acc=0.5), trainer)
+        dist.barrier()
+        progress = load_checkpoint(own, "run", trainer, context.main_rank)
+    finally:
+        teardown()
+    torch.save({"context": (context.rank, context.main_rank, context.is_main), "finished": progress.finished,
+                "weights": trainer.model.state_dict()}, folder / f"rank{rank}.pt")
+
+
+def test_node_0s_rank_writes_and_sends_its_checkpoint_even_when_it_is_not_rank_0(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(node_rank_main, args=(port, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert [r["context"] for r in ranks] == [(0, 1, False), (1, 1, True)]  # node 0's rank 1 is the main one
+    assert not (tmp_path / "node1/checkpoint.pt").exists()
+    assert [r["finished"] for r in ranks] == [2, 2]  # rank 0, on node 1 without a file, resumed too
+    saved = torch.load(tmp_path / "node0/checkpoint.pt", weights_only=False)["model"]
+    for r in ranks:
+        assert all(torch.equal(r["weights"][k], saved[k]) for k in saved)  # rank 1's weights, on both

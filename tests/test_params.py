@@ -41,7 +41,8 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     assert params["train"]["warmup_fraction"] == 0.3 and params["train"]["weight_decay"] == 1e-4
     assert params["train"]["nproc"] == params["train"]["nnodes"] == 1 and params["train"]["sync_bn"] is False
     assert params["data"]["md5"] == "c58f30108f718f92721af3b95e74349a"
-    assert params["system"] == {"device": "auto", "compile": False, "master_addr": "localhost", "master_port": 29500}
+    assert params["system"] == {"device": "auto", "compile": False, "master_addr": "localhost", "master_port": 29500,
+                                 "max_restarts": 3}
     # the fast trainers' tricks are all off: Adam, no smoothing, no EMA, no cutout, random flips, no TTA
     tricks = {key: params["train"][key] for key in ["optimizer", "label_smoothing", "ema_decay", "cutout", "flip"]}
     assert tricks == {"optimizer": "adam", "label_smoothing": 0, "ema_decay": 0, "cutout": 0, "flip": "random"}
@@ -92,6 +93,7 @@ def test_a_stage_checks_only_the_sections_it_reads():
     ("train.nnodes", 1.5, "integer >= 1"),
     ("system.master_addr", "", "non-empty string"),
     ("system.master_port", 70000, "a TCP port, an integer from 1 to 65535"),
+    ("system.max_restarts", -1, "an integer >= 0"),
     ("train.sync_bn", "on", "true or false"),
     ("data.md5", "abc", "an md5 checksum of 32 hex digits"),
     ("data.url", "", "non-empty string"),

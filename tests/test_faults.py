@@ -1,0 +1,173 @@
+"""Faults at any scale, on 2 gloo processes on the CPU: a rank killed mid-epoch is restarted by torchrun
+(system.max_restarts) and the run resumes from the last finished epoch to the uninterrupted result, bit for
+bit; bad input is not retried; two nodes meet on 127.0.0.1, each with its own checkout (no shared file
+system), and a stopped 2-node run resumes on both from the checkpoint node 0's rank 0 holds."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from dvcrepo import (
+    CHECKPOINT,
+    copy_repo,
+    finished_epochs,
+    set_params,
+    start,
+    training_results,
+)
+
+EPOCHS = 3  # the test repositories' train.epochs
+TIMEOUT = 1200  # seconds: generous, for a loaded machine
+
+
+@pytest.fixture(scope="module")
+def two_processes(data_repo, tmp_path_factory):
+    """The uninterrupted reference: one node, 2 processes, `python -m stages.train`; its training results."""
+    repo = copy_repo(data_repo.repo, tmp_path_factory.mktemp("two_processes") / "repo")
+    set_params(repo, train__nproc=2)
+    code, output = finish(start(repo, sys.executable, "-m", "stages.train"))
+    assert code == 0, output
+    return training_results(repo)
+
+
+def wait_for_epoch(repo, *processes):
+    """Wait until repo's checkpoint holds a finished epoch; returns how many it holds."""
+    deadline = time.monotonic() + TIMEOUT
+    while (epoch := finished_epochs(repo)) < 1:
+        for process in processes:
+            assert process.poll() is None, f"exited before a checkpoint:\n{process.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint after {TIMEOUT} s"
+        time.sleep(0.02)
+    return epoch
+
+
+def rank_process(launcher, rank=None):
+    """The process of global rank `rank` (by default: any rank) among the launcher's children (torchrun's
+    workers)."""
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if "LOCAL_RANK" in child.environ() and rank in (None, int(child.environ()["RANK"])):
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no rank {rank} under process {launcher.pid}")
+
+
+def finish(process):
+    """(exit status, stdout + stderr) of a process start() began; on a timeout, its whole group is killed
+    (torchrun's ranks too, which would otherwise outlive their launcher)."""
+    try:
+        out, err = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return process.returncode, out + err
+
+
+def test_a_rank_killed_mid_epoch_is_restarted_and_the_run_resumes_bit_for_bit(data_repo, two_processes, tmp_path):
+    repo = copy_repo(data_repo.repo, tmp_path / "repo")
+    set_params(repo, train__nproc=2, system__max_restarts=1)
+    launcher = start(repo, sys.executable, "-m", "stages.train")
+    epoch = wait_for_epoch(repo, launcher)
+    rank_process(launcher, 1).kill()  # SIGKILL: no handler runs, the rank just vanishes mid-epoch
+    code, output = finish(launcher)
+    assert code == 0, output
+    assert output.count("torchrun restarted the ranks after a failure (restart 1 of at most 1)") == 1, output
+    resumed = [line for line in output.splitlines() if line.startswith("resuming from models/checkpoint.pt")]
+    assert len(resumed) == 1 and int(resumed[0].split("after epoch ")[1].split("/")[0]) >= epoch, output
+    assert training_results(repo) == two_processes
+    assert not (repo / CHECKPOINT).exists()
+
+
+def test_bad_input_on_the_ranks_is_not_retried(data_repo, tmp_path):
+    """A bad batch file is a UserError in every rank: they exit with BAD_INPUT_EXIT, and torchrun does not
+    restart them though system.max_restarts allows 3 restarts."""
+    repo = copy_repo(data_repo.repo, tmp_path / "repo")
+    set_params(repo, train__nproc=2, system__max_restarts=3)
+    batch = repo / "data/cifar-10-batches-py/data_batch_3"
+    batch.unlink()  # DVC may have linked it to its cache
+    batch.write_bytes(b"not a pickle")
+    code, output = finish(start(repo, sys.executable, "-m", "stages.train"))
+    lines = output.strip().splitlines()
+    assert code == 1 and "Traceback" not in output, output
+    assert lines[-1].startswith("error: training on 2 processes failed: rank ") and "stopped on bad input" in lines[-1]
+    assert "not restarted" in lines[-1] and "torchrun restarted" not in output
+    assert 1 <= output.count("not a CIFAR-10 batch") <= 2, output  # each rank at most once: no second attempt
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_node_repos(data_repo, folder):
+    """Node 0's and node 1's checkouts (copies: they share no files), 1 process each, meeting on 127.0.0.1."""
+    nodes = [copy_repo(data_repo.repo, folder / f"node{k}") for k in range(2)]
+    port = free_port()
+    for repo in nodes:
+        set_params(repo, train__nproc=1, train__nnodes=2, system__master_addr="127.0.0.1", system__master_port=port)
+    return nodes
+
+
+def start_nodes(nodes):
+    """Node 0 through DVC, node 1 by hand, as docs/distributed.md says. Two nodes on one machine share its
+    cores: a thread each, as one node's 2 processes have (and the same thread count gives the same sums)."""
+    one_core = {"OMP_NUM_THREADS": "1"}
+    return (start(nodes[0], sys.executable, "-m", "dvc", "repro", "train", **one_core),
+            start(nodes[1], sys.executable, "-m", "stages.train", "--node-rank", "1", **one_core))
+
+
+@pytest.fixture(scope="module")
+def two_nodes(data_repo, tmp_path_factory):
+    nodes = two_node_repos(data_repo, tmp_path_factory.mktemp("two_nodes"))
+    ran = [finish(process) for process in start_nodes(nodes)]
+    return nodes, ran
+
+
+def test_two_nodes_on_loopback_train_the_model_of_one_node_with_two_processes(two_nodes, two_processes):
+    (node0, node1), ran = two_nodes
+    for code, output in ran:
+        assert code == 0, output
+    assert "Running stage 'train'" in ran[0][1] and "2 processes" in ran[0][1]
+    # the same ranks, shards and gradients as one node's 2 processes: the same model, bit for bit
+    assert training_results(node0) == two_processes
+    assert not (node1 / "models/model.pt").exists()  # only rank 0, on node 0, writes
+
+
+def test_a_stopped_two_node_run_resumes_on_both_nodes(data_repo, two_nodes, tmp_path):
+    """Both nodes killed after an epoch, then started again: node 1 has no checkpoint of its own, so its rank
+    resumes from the state node 0's rank 0 sends it over the process group."""
+    nodes = two_node_repos(data_repo, tmp_path)
+    processes = start_nodes(nodes)
+    wait_for_epoch(nodes[0], *processes)
+    for process in processes:
+        os.killpg(process.pid, signal.SIGKILL)  # each node's launcher and ranks (their own process group)
+        process.communicate(timeout=TIMEOUT)
+    epoch = finished_epochs(nodes[0])
+    assert 1 <= epoch < EPOCHS and not (nodes[1] / CHECKPOINT).exists()
+    ran = [finish(process) for process in start_nodes(nodes)]
+    for code, output in ran:
+        assert code == 0, output
+    assert f"resuming from models/checkpoint.pt after epoch {epoch}/{EPOCHS}" in ran[0][1], ran[0][1]
+    assert training_results(nodes[0]) == training_results(two_nodes[0][0])
+
+
+def test_a_rank_killed_on_node_1_restarts_both_nodes_and_the_run_resumes_bit_for_bit(data_repo, two_processes,
+                                                                                      tmp_path):
+    """The c10d rendezvous gathers both nodes' agents into a new round: node 0's rank restarts too, and both
+    resume from the state node 0's rank sends."""
+    nodes = two_node_repos(data_repo, tmp_path)
+    processes = start_nodes(nodes)
+    wait_for_epoch(nodes[0], *processes)
+    rank_process(processes[1]).kill()  # node 1's only rank, whichever global rank it drew
+    ran = [finish(process) for process in processes]
+    for code, output in ran:
+        assert code == 0, output
+    assert "torchrun restarted the ranks after a failure" in ran[0][1], ran[0][1]
+    assert "resuming from models/checkpoint.pt after epoch " in ran[0][1], ran[0][1]
+    assert training_results(nodes[0]) == two_processes
