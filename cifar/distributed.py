@@ -160,8 +160,8 @@ def restarts(device):
 
 def setup(device, node=0):
     """This process's Context. Under torchrun: joins the process group (NCCL with one GPU per local rank,
-    or gloo on the CPU), leaves it at exit, finds the main rank (node 0's first),
-    and on the other ranks silences stdout so that only the main one reports (errors still reach stderr)."""
+    or gloo on the CPU), leaves it at exit, finds the main rank (node 0's first), and on the other ranks
+    silences stdout so that only the main one reports (errors still reach stderr)."""
     if not under_torchrun():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # the claimed GPU is this process's current one, for every library

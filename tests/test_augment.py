@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from cifar.augment import Normalizer, random_crop_flip, reflect_pad
+from cifar.augment import Normalizer, cutout, random_crop_flip, reflect_pad
 
 
 def test_reflect_pad_matches_torch_reflect_padding():
@@ -68,3 +68,35 @@ def test_normalizer_standardizes_each_channel_and_uses_channels_last():
     expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert torch.allclose(x, expected, atol=1e-5)
     assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_offsets_cover_every_row_and_column_of_the_padding():
+    """Rows too (the flip test reads only columns): a pixel's value is its row in one channel, its column in
+    the other, so each crop's corner is read back."""
+    rows, cols = torch.arange(40).view(40, 1).expand(40, 40), torch.arange(40).view(1, 40).expand(40, 40)
+    padded = torch.stack([rows, cols]).to(torch.uint8).repeat(2000, 1, 1, 1)
+    out = random_crop_flip(padded, 32, torch.Generator().manual_seed(2))
+    top, left = out[:, 0, 0, :].min(1).values, out[:, 1, 0, :].min(1).values
+    assert set(top.tolist()) == set(left.tolist()) == set(range(9))  # [0, 8]: 40 - 32 + 1 positions
+
+
+def test_reflect_pad_is_torchs_reflection_on_any_shape():
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    assert torch.equal(reflect_pad(images, 2), F.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8))
+
+
+def test_augmentation_makes_every_tensor_on_its_inputs_device():
+    """On PyTorch's meta device (shapes without data), standing in for a GPU: an index or offset made on the
+    CPU by default would not mix with the images."""
+    meta, generator = torch.device("meta"), torch.Generator()
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8, device=meta)
+    padded = reflect_pad(images, 4)
+    crops = random_crop_flip(padded, 32, generator)
+    flipped = random_crop_flip(padded, 32, generator, flip=torch.ones(4, dtype=torch.bool, device=meta))
+    normalize = Normalizer([0.5] * 3, [0.25] * 3, meta)
+    x = normalize(crops)
+    cut = cutout(x, 8, generator)
+    for out, shape in [(padded, (4, 3, 40, 40)), (crops, (4, 3, 32, 32)), (flipped, (4, 3, 32, 32)),
+                       (x, (4, 3, 32, 32)), (cut, (4, 3, 32, 32))]:
+        assert out.device == meta and out.shape == shape
+    assert normalize.scale.device == normalize.shift.device == meta and x.dtype == torch.float32

@@ -1,5 +1,6 @@
 """The benchmark measures the recipe that trains: params.yaml's, through the train stage's own loop (its
 speed is not asserted here; python -m tools.bench prints it)."""
+import argparse
 import json
 
 import torch
@@ -135,3 +136,52 @@ def test_timed_measures_the_work_between_two_clock_readings(monkeypatch):
     clock, done = iter([10.0, 12.5]), []
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     assert bench.timed(CPU, lambda: done.append(1)) == 2.5 and done == [1]
+
+
+def test_the_report_s_arithmetic_and_its_rounding_on_awkward_figures():
+    rates = {"project": 1234.56789, "reference": 345.678912, "ceiling": 2345.67891}
+    assert bench.speed_figures(rates, 1.23456789e9, 9.87654321e12) == {
+        "project_images_per_s": 1234.6, "reference_images_per_s": 345.7, "ceiling_images_per_s": 2345.7,
+        "project_vs_reference": 3.571, "project_vs_ceiling": 0.526, "gflops_per_image": 1.2346,
+        "project_tflop_per_s": 1.5242, "reference_tflop_per_s": 0.4268, "ceiling_tflop_per_s": 2.8959,
+        "matmul_tflop_per_s": 9.8765, "project_mfu": 0.1543, "reference_mfu": 0.0432, "ceiling_mfu": 0.2932}
+
+
+def test_the_matrix_product_rate_is_2n3_over_the_fastest_repetition_of_n_by_n_in_the_precision(monkeypatch):
+    """8192 on a GPU (a CUDA device object suffices: the tensors are stubbed), 2048 on a CPU."""
+    made, products = [], []
+    monkeypatch.setattr(bench.torch, "randn", lambda *size, device=None: made.append((size, device)) or
+                        torch.ones(2, 2))
+    seconds = iter([0.5, 0.25, 0.4, 2.0])
+
+    def timed(device, work):
+        products.append((device, work()))
+        return next(seconds)
+    monkeypatch.setattr(bench, "timed", timed)
+    gpu = torch.device("cuda")
+    assert bench.matmul_flops_per_s(gpu, "bf16", reps=3) == 2 * 8192 ** 3 / 0.25
+    assert made == [((8192, 8192), gpu)] * 2 and [device for device, _ in products] == [gpu] * 3
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p.float(), torch.full((2, 2), 2.0)) for _, p in products)
+    assert bench.matmul_flops_per_s(CPU, "fp32", reps=1) == 2 * 2048 ** 3 / 2.0
+    assert made[-1] == ((2048, 2048), CPU) and products[-1][1].dtype == torch.float32
+
+
+def test_measure_warms_each_mode_then_keeps_each_modes_best_round(monkeypatch):
+    calls = []
+    for mode in ["project", "reference", "ceiling"]:
+        monkeypatch.setattr(bench, f"{mode}_runner", lambda args, device, mode=mode: calls.append(
+            (mode, args, device)) or (lambda steps: calls.append((mode, steps))))
+    seconds = iter([10.0, 4.0, 30.0, 20.0, 5.0, 60.0])  # round 1, then round 2: project, reference, ceiling
+
+    def timed(device, work):
+        calls.append(("timed", device))
+        work()
+        return next(seconds)
+    monkeypatch.setattr(bench, "timed", timed)
+    args = argparse.Namespace(recipe=argparse.Namespace(batch_size=2), steps=3, warmup=1, rounds=2)
+    # 6 images a round: the best of 0.6 and 0.3 images/s, of 1.5 and 1.2, of 0.2 and 0.1 (below 1 image/s)
+    assert bench.measure(args, "DEV") == {"project": 0.6, "reference": 1.5, "ceiling": 0.2}
+    built = [(mode, args, "DEV") for mode in ["project", "reference", "ceiling"]]
+    warm = [("project", 1), ("reference", 1), ("ceiling", 1)]
+    measured = [call for mode in ["project", "reference", "ceiling"] for call in [("timed", "DEV"), (mode, 3)]]
+    assert calls == built + warm + measured * 2

@@ -73,3 +73,71 @@ def test_experiments_without_results_are_left_out_and_named(monkeypatch, tmp_pat
     monkeypatch.setattr(compare, "load_rows", lambda num: [queued])
     with pytest.raises(UserError, match="no experiment with results yet: .*; without results: later"):
         compare.compare(tmp_path)
+
+
+def seed_rows():
+    """Two seeds of `final`, one run of `wide` without epochs or timings, a queued run, one without results or
+    a state, and the workspace (with results: not an experiment)."""
+    return [{**row("workspace", "workspace", 0.99), "typ": "baseline", "Experiment": None},
+            {**row("final-s0", "aaa1111", 0.8125), "without_tta.accuracy": 0.80, "validation.acc": 0.83},
+            {**row("final-s1", "aaa2222", 0.8175), "without_tta.accuracy": 0.81, "validation.acc": 0.84,
+             "wall_time_s": 12.0},
+            {**row("wide", "bbb1111", 0.79, params=2_500_000, weight_decay=1e-5), "train.epochs": "-",
+             "wall_time_s": "-", "images_per_s": "-"},
+            {**row("later", "ccc1111", "-"), "State": "Queued"}, {**row("lost", "ddd1111", "-"), "State": None}]
+
+
+def test_the_tables_of_every_run_and_of_the_variants_cell_by_cell():
+    records, pending = compare.experiments(seed_rows())
+    assert pending == ["later (Queued)", "lost (no results)"]
+    records[0]["best_epoch_acc"] = 0.8234
+    assert compare.markdown_table(records) == (
+        "| experiment | rev | blocks | widths | weight decay | epochs | parameters | test accuracy | best epoch "
+        "accuracy | train time (s) | images/s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| final-s1 | aaa2222 | [1, 1] | [8, 16] | 0.0001 | 3 | 100,000 | 81.75% | – | 12 | 500 |\n"
+        "| final-s0 | aaa1111 | [1, 1] | [8, 16] | 0.0001 | 3 | 100,000 | 81.25% | 82.34% | 10 | 500 |\n"
+        "| wide | bbb1111 | [1, 1] | [8, 16] | 1e-05 | – | 2,500,000 | 79.00% | – | – | – |\n")
+    # final: 81.25 and 81.75 (std 0.35), validation 83 and 84; wide 2.50 points below, one run
+    assert compare.variants_table(compare.variant_groups(records), "final") == (
+        "| variant | n | blocks | widths | weight decay | epochs | parameters | test accuracy | validation accuracy "
+        "| test Δ vs final (points) | train time (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| final | 2 | [1, 1] | [8, 16] | 0.0001 | 3 | 100,000 | 81.50 ± 0.35 % (n = 2, 81.25–81.75) "
+        "| 83.50 ± 0.71 % (n = 2, 83.00–84.00) | – | 11 |\n"
+        "| wide | 1 | [1, 1] | [8, 16] | 1e-05 | – | 2,500,000 | 79.00 % (n = 1) | – "
+        "| -2.50 (n = 1: noise unknown) | – |\n")
+
+
+def ladder_rows(prefix, rungs, validation=True):
+    """tools.sweep's ablation names over seeds: (index, trick, test accuracy of seed 0, seeds)."""
+    return [{**row(f"{prefix}ablation-{i}-{trick}-s{k}", f"{prefix}{i}{k}", acc + 0.01 * k),
+             "without_tta.accuracy": acc - 0.01, **({"validation.acc": acc + 0.02 + 0.005 * k} if validation else {})}
+            for i, trick, acc, seeds in rungs for k in range(seeds)]
+
+
+def test_the_ablation_table_cell_by_cell():
+    rows = (ladder_rows("", [(0, "study", 0.80, 2), (1, "flip", 0.82, 2), (2, "ema", 0.815, 1)])
+            + ladder_rows("t-", [(0, "study", 0.80, 1), (2, "ema", 0.79, 1)], validation=False)
+            + ladder_rows("one-", [(0, "study", 0.80, 1)]))
+    ladders = compare.ablations(compare.variant_groups(compare.experiments(rows)[0]))
+    # the gains in validation accuracy: +2.00 over a SE of 0.35 is real; one seed's gain has no noise estimate
+    assert compare.ablation_table(ladders[""]) == (
+        "| rung | adds | n | validation accuracy | gain in validation accuracy (points) | test accuracy "
+        "| test without TTA | train time (s) |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| 0 | study | 2 | 82.25 ± 0.35 % (n = 2, 82.00–82.50) | – | 80.50 ± 0.71 % (n = 2, 80.00–81.00) "
+        "| 79.00 ± 0.00 % (n = 2, 79.00–79.00) | 10 |\n"
+        "| 1 | flip | 2 | 84.25 ± 0.35 % (n = 2, 84.00–84.50) | +2.00 ± 0.35 (real) "
+        "| 82.50 ± 0.71 % (n = 2, 82.00–83.00) | 81.00 ± 0.00 % (n = 2, 81.00–81.00) | 10 |\n"
+        "| 2 | ema | 1 | 83.50 % (n = 1) | -0.75 (n = 1: noise unknown) | 81.50 % (n = 1) | 80.50 % (n = 1) | 10 |\n")
+    # without validation images the gains are in test accuracy; rung 1 has no results: 2's gain is over 0's
+    assert compare.ablation_table(ladders["t-"]) == (
+        "| rung | adds | n | test accuracy | gain in test accuracy (points) | test accuracy | test without TTA "
+        "| train time (s) |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| 0 | study | 1 | 80.00 % (n = 1) | – | 80.00 % (n = 1) | 79.00 % (n = 1) | 10 |\n"
+        "| 2 | ema | 1 | 79.00 % (n = 1) | -1.00 (n = 1: noise unknown) (over rung 0) | 79.00 % (n = 1) "
+        "| 78.00 % (n = 1) | 10 |\n")
+    assert compare.ablation_table(ladders["one-"]).splitlines()[2] == (  # a ladder of one rung: no gain yet
+        "| 0 | study | 1 | 82.00 % (n = 1) | – | 80.00 % (n = 1) | 79.00 % (n = 1) | 10 |")

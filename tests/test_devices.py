@@ -8,7 +8,8 @@ import signal
 import pytest
 import torch
 
-from cifar.devices import choose_device, claim_gpus, launch_environment, visible_gpus
+from cifar import devices
+from cifar.devices import choose_device, claim_gpus, describe, launch_environment, rank_device, visible_gpus
 from cifar.workspace import UserError
 
 GPUS = ["0", "1", "2", "3"]
@@ -110,6 +111,10 @@ def test_the_device_setting(four_gpus, monkeypatch):
     assert choose_device("cuda:2") == (torch.device("cuda", 2), None)
     with pytest.raises(UserError, match=r"system.device = 'cuda:4': 4 GPU\(s\) visible \(0 to 3\)"):
         choose_device("cuda:4")
+    with pytest.raises(UserError) as e:  # one GPU named, for a run of two processes
+        choose_device("cuda:0", count=2)
+    assert str(e.value) == ("system.device = 'cuda:0': 4 GPU(s) visible (0 to 3), and it names one GPU for one "
+                            "process; use auto or cuda to let each run claim its GPUs")
     first, claim = choose_device("auto", lock_dir=four_gpus)
     second, other = choose_device("cuda", lock_dir=four_gpus)  # the same process: a lock is per open file
     assert (first, claim.gpus, second, other.gpus) == (torch.device("cuda", 0), ["0"], torch.device("cuda", 1), ["1"])
@@ -151,3 +156,50 @@ def test_without_a_gpu_auto_is_the_cpu_and_cuda_is_an_error(monkeypatch):
     assert choose_device("auto") == (torch.device("cpu"), None)
     with pytest.raises(UserError, match="system.device = 'cuda' but PyTorch sees no CUDA GPU"):
         choose_device("cuda")
+
+
+def test_the_training_line_names_the_gpu_by_its_id_and_model_and_how_it_was_chosen(four_gpus, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"GPU model of {device}")
+    assert describe(torch.device("cpu"), None) == "cpu"
+    device, claim = choose_device("cuda", lock_dir=four_gpus)
+    assert describe(device, claim) == "cuda:0 (GPU 2, GPU model of cuda:0, claimed)"
+    assert describe(torch.device("cuda", 1), None) == "cuda:1 (GPU 0, GPU model of cuda:1, as set)"
+    assert describe(torch.device("cuda"), None) == "cuda (GPU 2, GPU model of cuda, as set)"  # no index: cuda:0
+    claim.release()
+
+
+def test_a_rank_trains_on_the_cpu_or_on_its_launchers_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [rank_device(s) for s in ("auto", "cuda", "cuda:1", "cpu")] == [torch.device("cuda")] * 3 + [
+        torch.device("cpu")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("auto") == torch.device("cpu")
+
+
+def test_a_run_that_waits_says_so_once_polls_and_takes_the_gpus_freed(tmp_path, monkeypatch):
+    """In one process (a lock is per open file): GPUs 0 and 1 of 3 held; a run needing 2 waits, says so once,
+    sleeps poll_s between tries, and gets 1 and 2 once 0 and 1 are free."""
+    busy = claim_gpus(2, ["0", "1", "2"], tmp_path / "locks" / "nested")  # the lock folder is made, parents too
+    said, slept = [], []
+    monkeypatch.setattr(devices.time, "sleep", lambda s: slept.append(s) or (len(slept) == 2 and busy.release()))
+    claim = claim_gpus(2, ["0", "1", "2"], tmp_path / "locks" / "nested", say=lambda *a, **k: said.append((a, k)))
+    assert claim.gpus == ["0", "1"] and slept == [2.0, 2.0]  # the default poll: every 2 s
+    assert said == [((f"waiting for 2 free GPU(s): 2 of the 3 visible are held by other runs of this project "
+                      f"(locks in {tmp_path / 'locks' / 'nested'})",), {"flush": True})]
+    claim.release()
+    claim.release()  # a second release does nothing
+    assert claim_gpus(3, ["0", "1", "2"], tmp_path / "locks" / "nested").gpus == ["0", "1", "2"]
+
+
+def test_a_gpu_named_by_uuid_gets_a_lock_file_of_safe_characters(tmp_path):
+    claim = claim_gpus(1, ["GPU-8a/Zz:09_.-"], tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu-GPU-8a_Zz_09_.-.lock"]
+    claim.release()
+
+
+def test_no_gpu_visible_is_said_as_none(tmp_path):
+    with pytest.raises(UserError, match=r"^1 GPU\(s\) needed \(train.nproc\) but 0 visible: none$"):
+        claim_gpus(1, [], tmp_path)
+    assert launch_environment(None) == {}  # no claim (the CPU, or cuda:K as set): nothing to add

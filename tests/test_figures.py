@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cifar import figures
-from cifar.figures import confusion_counts, plot_confusion, plot_curves, plot_per_class, run_figures
+from cifar.figures import _count, confusion_counts, plot_confusion, plot_curves, plot_per_class, run_figures
 
 CLASSES = ["cat", "dog", "ship"]
 CURVES = {"train/loss": [2.0, 1.5], "train/acc": [0.3, 0.5], "lr": [0.01, 0.001]}
@@ -33,6 +33,7 @@ def test_confusion_counts_are_actual_by_predicted():
                [("cat", "cat"), ("cat", "dog"), ("dog", "dog"), ("ship", "cat"), ("ship", "cat")]]
     assert confusion_counts(records, CLASSES).tolist() == [[1, 1, 0], [0, 1, 0], [2, 0, 0]]
     assert confusion_counts([], CLASSES).tolist() == [[0] * 3] * 3
+    assert confusion_counts(records, CLASSES).dtype.kind == "i"  # counts: the figure prints them as integers
 
 
 @pytest.mark.parametrize("split", ["test", "validation"])
@@ -61,6 +62,20 @@ def test_draw_all_draws_each_figure_into_the_plots_folder(tmp_path, monkeypatch)
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in written)
 
 
-def test_a_missing_curve_names_the_stage_to_run(tmp_path):
+def test_a_missing_input_names_the_stage_to_run(tmp_path):
     with pytest.raises(figures.UserError, match="acc.tsv: missing; run the train stage first"):
         figures.read_curve(tmp_path / "acc.tsv")
+    curves, per_class, confusion = write_run(tmp_path, "test")
+    confusion.unlink()
+    with pytest.raises(figures.UserError, match=r"confusion.json: missing; run the evaluate stage first \(dvc repro "
+                                                r"evaluate\)$"):
+        run_figures(curves, per_class, confusion)
+    per_class.unlink()
+    with pytest.raises(figures.UserError, match=r"per_class.json: missing; run the evaluate stage first \(dvc repro "
+                                                r"evaluate\)$"):
+        run_figures(curves, per_class, confusion)
+
+
+def test_parameter_count_ticks_read_as_thousands_and_millions():
+    assert [_count(x) for x in (0, 999, 1000, 50_000, 999_999, 1_000_000, 2_500_000)] == [
+        "0", "999", "1k", "50k", "999.999k", "1M", "2.5M"]

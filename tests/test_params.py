@@ -11,7 +11,19 @@ from cifar.data import DataParams
 from cifar.devices import System
 from cifar.export import ExportParams
 from cifar.model import ModelParams
-from cifar.params import SECTIONS, check_section, load_params, read_params
+from cifar.params import (
+    FLAG,
+    SECTIONS,
+    Section,
+    check_section,
+    integer,
+    integers,
+    load_params,
+    number,
+    one_of,
+    read_params,
+    text,
+)
 from cifar.training import Recipe
 from cifar.workspace import UserError
 
@@ -186,3 +198,59 @@ def test_unreadable_params_files_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="not valid YAML") as error:
         load_params(Recipe, path=tmp_path / "params.yaml")
     assert "\n" not in str(error.value)
+
+
+def test_each_field_type_checks_its_bounds_and_says_what_it_allows():
+    """The field-type helpers, called here (not only when the stages' schemas are defined at import): each
+    bound at its edge, and each message's text."""
+    class Probe(Section):
+        section = "probe"
+        count: integer(2)
+        rate: number(gt=0, le=1)
+        low: number(ge=-1, lt=0)
+        kind: one_of("a", "b")
+        name: text()
+        code: text(r"^x\d$", "x and a digit")
+        sizes: integers(3)
+        on: FLAG
+        decay: number(ge=0)
+
+    good = dict(count=2, rate=1.0, low=-1.0, kind="b", name=" n ", code="x1", sizes=[3], on=False, decay=0.0)
+    assert check_section(Probe, good) == good
+    bad = [("count", 1, "an integer >= 2"), ("count", 2.0, "an integer >= 2"),
+           ("rate", 0.0, "a number > 0 and <= 1"), ("rate", 1.5, "a number > 0 and <= 1"),
+           ("rate", float("inf"), "a number > 0 and <= 1"), ("rate", float("nan"), "a number > 0 and <= 1"),
+           ("low", -1.5, "a number >= -1 and < 0"), ("low", 0.0, "a number >= -1 and < 0"),
+           ("kind", "c", "one of a, b"), ("name", " ", "a non-empty string"), ("name", "", "a non-empty string"),
+           ("code", "x12", "x and a digit"), ("code", "y1", "x and a digit"),
+           ("sizes", [], "a non-empty list of integers >= 3"), ("sizes", [3, 2], "a non-empty list of integers >= 3"),
+           ("on", 1, "true or false"), ("decay", float("inf"), "a number >= 0")]
+    for key, value, allowed in bad:
+        with pytest.raises(UserError) as e:
+            check_section(Probe, {**good, key: value})
+        assert str(e.value) == f"params.yaml: probe.{key} = {value!r} must be {allowed}", (key, value)
+
+
+def test_a_params_file_that_is_not_a_mapping_of_sections_is_one_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("- data\n- model\n")
+    with pytest.raises(UserError) as e:
+        read_params(path)
+    assert str(e.value) == f"{path}: expected a mapping of sections data, model, train, evaluate, export, system"
+    path.write_text("train: [1,\n  epochs: 2\n")
+    with pytest.raises(yaml.YAMLError) as parsed, open(path) as f:
+        yaml.safe_load(f)
+    with pytest.raises(UserError) as e:
+        read_params(path)
+    one_line = " ".join(str(parsed.value).split())
+    assert str(e.value) == f"{path}: not valid YAML ({one_line})" and "\n" not in str(e.value)
+
+
+def test_a_bad_value_names_the_params_file_it_came_from(tmp_path):
+    params = read_params(REPO / "params.yaml")
+    params["system"]["master_port"] = 0
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError) as e:
+        load_params(System, path=path)
+    assert str(e.value) == f"{path}: system.master_port = 0 must be a TCP port, an integer from 1 to 65535"

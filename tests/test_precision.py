@@ -1,6 +1,7 @@
 """Precision per device: what `auto` picks on each GPU generation and on CPUs (the hardware's answers
 monkeypatched), errors for a precision the device does not compute natively, and fp16's loss scaling
 through a training step, clipping, the checkpoint and a resumed run, all on the CPU."""
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from recipes import changed, recipe
 
 from cifar.distributed import Context
 from cifar.model import ResNet
-from cifar.precision import evaluation_precision, native_precisions, resolve_precision
+from cifar.precision import autocast, evaluation_precision, native_precisions, resolve_precision
 from cifar.resume import Progress, load_checkpoint, save_checkpoint
 from cifar.training import Data, make_trainer, train_epoch
 from cifar.workspace import UserError
@@ -64,6 +65,26 @@ def test_evaluation_uses_the_trained_precision_where_native_else_fp32(hardware):
     assert evaluation_precision("fp16", GPU) == "fp16" and evaluation_precision("bf16", GPU) == "fp32"
     assert evaluation_precision("bf16", CPU) == "bf16" and evaluation_precision("fp16", CPU) == "fp32"
     assert evaluation_precision("fp32", GPU) == "fp32"
+
+
+def test_each_gpu_is_asked_its_own_capability(monkeypatch, hardware):
+    """On a machine of mixed GPUs, the one asked about, not the current one."""
+    hardware(cpu_bf16=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: {1: (7, 5)}.get(
+        getattr(device, "index", device), (9, 0)))
+    second = torch.device("cuda", 1)
+    assert native_precisions(second) == ["fp16", "fp32"] and native_precisions(GPU) == ["bf16", "fp16", "fp32"]
+    with pytest.raises(UserError, match=r"^train.precision = 'bf16': a GPU of compute capability 7.5 does not"):
+        resolve_precision("bf16", second)
+
+
+def test_autocast_is_off_for_fp32_and_casts_to_bf16_for_bf16():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an autocast to fp32 would be switched off by torch with a warning
+        with autocast(CPU, "fp32"):
+            assert not torch.is_autocast_enabled("cpu")
+        with autocast(CPU, "bf16"):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def tiny_data(seed=0):

@@ -100,3 +100,11 @@ def test_the_code_is_the_train_stages_modules_whichever_are_loaded():
             "cifar/imports.py", "cifar/model.py"} <= code
     assert not code & {"tools/compare.py", "tools/sweep.py", "tools/bench.py", "stages/evaluate.py",
                        "cifar/figures.py"}
+
+
+def test_the_fingerprint_ignores_the_order_of_the_model_keys_and_needs_a_resolved_precision(run_folder):
+    """params.yaml's keys may come in any order (an edit, `dvc exp run -S`): the same values, the same run."""
+    reordered = dict(reversed(list(MODEL.items())))
+    assert list(reordered) != list(MODEL) and fingerprint(reordered, RECIPE, CPU) == fingerprint(MODEL, RECIPE, CPU)
+    with pytest.raises(ValueError, match=r"^fingerprint: resolve the recipe's precision for the device first$"):
+        fingerprint(MODEL, recipe(precision="auto"), CPU)

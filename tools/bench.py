@@ -199,6 +199,21 @@ def measure(bench, device):
     return best
 
 
+def speed_figures(rates, flops, peak):
+    """The report's arithmetic: each mode's images/s (`rates`), the project's ratios to the other two, and how
+    close each comes to the hardware: the model's FLOPs per image (`flops`) at its speed against a dense
+    matrix product's FLOP/s (`peak`), the model-FLOPs utilisation."""
+    return {
+        **{f"{mode}_images_per_s": round(rate, 1) for mode, rate in rates.items()},
+        "project_vs_reference": round(rates["project"] / rates["reference"], 3),
+        "project_vs_ceiling": round(rates["project"] / rates["ceiling"], 3),
+        "gflops_per_image": round(flops / 1e9, 4),
+        **{f"{mode}_tflop_per_s": round(rate * flops / 1e12, 4) for mode, rate in rates.items()},
+        "matmul_tflop_per_s": round(peak / 1e12, 4),
+        **{f"{mode}_mfu": round(rate * flops / peak, 4) for mode, rate in rates.items()},
+    }
+
+
 def parse_args(argv):
     """The command line over params.yaml's recipe: options left out take the file's values."""
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
@@ -250,15 +265,7 @@ def main(argv=None):
         "device": name, "capability": capability, "precision": bench.recipe.precision, "compile": bench.compiled,
         "torch": torch.__version__, "blocks": bench.blocks, "widths": bench.widths,
         "batch_size": bench.recipe.batch_size, "steps": bench.steps, "rounds": bench.rounds,
-        **{f"{mode}_images_per_s": round(rate, 1) for mode, rate in rates.items()},
-        "project_vs_reference": round(rates["project"] / rates["reference"], 3),
-        "project_vs_ceiling": round(rates["project"] / rates["ceiling"], 3),
-        # how close to the hardware: the model's FLOPs at each mode's speed against a dense matrix product's
-        "gflops_per_image": round(flops / 1e9, 4),
-        **{f"{mode}_tflop_per_s": round(rate * flops / 1e12, 4) for mode, rate in rates.items()},
-        "matmul_tflop_per_s": round(peak / 1e12, 4),
-        **{f"{mode}_mfu": round(rate * flops / peak, 4) for mode, rate in rates.items()},
-        "recipe": bench.recipe.model_dump(),
+        **speed_figures(rates, flops, peak), "recipe": bench.recipe.model_dump(),
     }
     if bench.profile:
         print(profile_step(bench, device), file=sys.stderr)

@@ -84,17 +84,20 @@ def _number(value, fmt):
     return "–" if value is None else format(value, fmt)
 
 
+def _table(header, rows):
+    """A Markdown table: the header, then one line per row of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
+
+
 def markdown_table(records):
     header = ["experiment", "rev", "blocks", "widths", "weight decay", "epochs", "parameters", "test accuracy",
               "best epoch accuracy", "train time (s)", "images/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in sorted(records, key=lambda r: -r["accuracy"]):
-        cells = [r["name"], r["rev"], str(r["blocks"]), str(r["widths"]), _number(r["weight_decay"], "g"),
-                 _number(r["epochs"], "d"), f"{r['params']:,}", f"{r['accuracy']:.2%}",
-                 _number(r.get("best_epoch_acc"), ".2%"), _number(r["wall_time_s"], ".0f"),
-                 _number(r["images_per_s"], ".0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _table(header, ([r["name"], r["rev"], str(r["blocks"]), str(r["widths"]), _number(r["weight_decay"], "g"),
+                            _number(r["epochs"], "d"), f"{r['params']:,}", f"{r['accuracy']:.2%}",
+                            _number(r.get("best_epoch_acc"), ".2%"), _number(r["wall_time_s"], ".0f"),
+                            _number(r["images_per_s"], ".0f")]
+                           for r in sorted(records, key=lambda r: -r["accuracy"])))
 
 
 # a variant's shape (its first run's), and what is summarized over its seeds
@@ -118,21 +121,24 @@ def _summary(summary):
     return "–" if summary is None else summary.percent()
 
 
+def _mean_seconds(summary):
+    return _number(None if summary is None else summary.mean, ".0f")  # no run of the variant logged its time
+
+
 def variants_table(groups, reference):
     """One row per variant: its shape, n, mean ± std (min–max) of the test and validation accuracy, and its
     test accuracy's difference from `reference` (a variant's name) with the noise rule's verdict."""
     base = next((g for g in groups if g["variant"] == reference), None)
     header = ["variant", "n", "blocks", "widths", "weight decay", "epochs", "parameters", "test accuracy",
               "validation accuracy", f"test Δ vs {reference} (points)", "train time (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for g in sorted(groups, key=lambda g: -g["accuracy"].mean):
-        versus = "–" if base is None or g is base else difference(base["accuracy"], g["accuracy"]).points()
-        cells = [g["variant"], str(g["accuracy"].n), str(g["blocks"]), str(g["widths"]),
-                 _number(g["weight_decay"], "g"), _number(g["epochs"], "d"), f"{g['params']:,}",
-                 _summary(g["accuracy"]), _summary(g["validation_accuracy"]), versus,
-                 _number(g["wall_time_s"].mean, ".0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+
+    def versus(g):
+        return "–" if base is None or g is base else difference(base["accuracy"], g["accuracy"]).points()
+    return _table(header, ([g["variant"], str(g["accuracy"].n), str(g["blocks"]), str(g["widths"]),
+                            _number(g["weight_decay"], "g"), _number(g["epochs"], "d"), f"{g['params']:,}",
+                            _summary(g["accuracy"]), _summary(g["validation_accuracy"]), versus(g),
+                            _mean_seconds(g["wall_time_s"])]
+                           for g in sorted(groups, key=lambda g: -g["accuracy"].mean)))
 
 
 RUNG = re.compile(r"(?P<prefix>.*?)ablation-(?P<index>\d+)-(?P<rung>.+)")  # tools.sweep's ladder names
@@ -170,12 +176,9 @@ def ablation_table(rungs):
     metric = "validation" if rungs[0]["chosen_by"] == "validation_accuracy" else "test"
     header = ["rung", "adds", "n", f"{metric} accuracy", f"gain in {metric} accuracy (points)", "test accuracy",
               "test without TTA", "train time (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rungs:
-        cells = [str(r["index"]), r["rung"], str(r["accuracy"].n), _summary(r[r["chosen_by"]]), _gain(r),
-                 _summary(r["accuracy"]), _summary(r["accuracy_without_tta"]), _number(r["wall_time_s"].mean, ".0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _table(header, ([str(r["index"]), r["rung"], str(r["accuracy"].n), _summary(r[r["chosen_by"]]), _gain(r),
+                            _summary(r["accuracy"]), _summary(r["accuracy_without_tta"]),
+                            _mean_seconds(r["wall_time_s"])] for r in rungs))
 
 
 def write_ablations(ladders, out_dir):
