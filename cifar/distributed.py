@@ -149,15 +149,6 @@ def bad_input_status():
         raise
 
 
-def restarts(device):
-    """(restarts so far, the most allowed), as torchrun's agents tell their ranks. On several nodes only the
-    failed rank's agent counts a restart (the others restart for the new round its rendezvous opens), so the
-    count is the most any rank was told."""
-    done = torch.tensor(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), device=device)
-    dist.all_reduce(done, op=dist.ReduceOp.MAX)
-    return int(done), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
-
-
 def setup(device, node=0):
     """This process's Context. Under torchrun: joins the process group (NCCL with one GPU per local rank,
     or gloo on the CPU), leaves it at exit, finds the main rank (node 0's first), and on the other ranks
@@ -174,15 +165,20 @@ def setup(device, node=0):
     else:
         dist.init_process_group("gloo")  # on the CPU's share launch() gave this rank (OMP_NUM_THREADS)
     atexit.register(teardown)
-    rank = dist.get_rank()
-    first_of_node_0 = node == 0 and local_rank == 0
-    main_rank, = all_sum(torch.tensor(rank if first_of_node_0 else 0, device=device))  # the others add 0
-    context = Context(device, rank, dist.get_world_size(), int(main_rank))
+    # One all-reduce (max) finds the main rank, the only rank that offers its own number, and the restarts so
+    # far: on several nodes only the failed rank's agent counts one (the others restart for the new round its
+    # rendezvous opens), so the count is the most any rank was told.
+    rank, first_of_node_0 = dist.get_rank(), node == 0 and local_rank == 0
+    found = torch.tensor([rank if first_of_node_0 else 0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))],
+                         device=device)
+    dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    main_rank, restarts = found.tolist()
+    context = Context(device, rank, dist.get_world_size(), main_rank)
     if not context.is_main:
         sys.stdout = open(os.devnull, "w")
-    done, most = restarts(device)
-    if done:
-        print(f"torchrun restarted the ranks after a failure (restart {done} of at most {most})", flush=True)
+    if restarts:
+        print(f"torchrun restarted the ranks after a failure (restart {restarts} of at most "
+              f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)})", flush=True)
     return context
 
 

@@ -57,13 +57,25 @@ def rank_process(launcher, rank=None):
     raise AssertionError(f"no rank {rank} under process {launcher.pid}")
 
 
+def kill_all(process):
+    """SIGKILL a process start() began and everything under it. torchrun starts each rank in a session of its
+    own, out of reach of the launcher's process group, and a rank outlives its killed launcher: it would go on
+    training (and writing) beside what the test starts next."""
+    tree = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def finish(process):
-    """(exit status, stdout + stderr) of a process start() began; on a timeout, its whole group is killed
-    (torchrun's ranks too, which would otherwise outlive their launcher)."""
+    """(exit status, stdout + stderr) of a process start() began; on a timeout, it and its ranks are killed."""
     try:
         out, err = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_all(process)
         raise
     return process.returncode, out + err
 
@@ -136,20 +148,20 @@ def test_two_nodes_on_loopback_train_the_model_of_one_node_with_two_processes(tw
     assert "Running stage 'train'" in ran[0][1] and "2 processes" in ran[0][1]
     # the same ranks, shards and gradients as one node's 2 processes: the same model, bit for bit
     assert training_results(node0) == two_processes
-    assert not (node1 / "models/model.pt").exists()  # only rank 0, on node 0, writes
+    assert not (node1 / "models/model.pt").exists()  # only the main rank, on node 0, writes
 
 
 def test_a_stopped_two_node_run_resumes_on_both_nodes(data_repo, two_nodes, tmp_path):
     """Both nodes killed after an epoch, then started again: node 1 has no checkpoint of its own, so its rank
-    resumes from the state node 0's rank 0 sends it over the process group."""
+    resumes from the state node 0's main rank sends it over the process group."""
     nodes = two_node_repos(data_repo, tmp_path)
     processes = start_nodes(nodes)
     wait_for_epoch(nodes[0], *processes)
     for process in processes:
-        os.killpg(process.pid, signal.SIGKILL)  # each node's launcher and ranks (their own process group)
+        kill_all(process)  # a lost node: its launcher and its ranks
         process.communicate(timeout=TIMEOUT)
     epoch = finished_epochs(nodes[0])
-    assert 1 <= epoch < EPOCHS and not (nodes[1] / CHECKPOINT).exists()
+    assert 1 <= epoch < EPOCHS and not (nodes[1] / CHECKPOINT).exists(), epoch
     ran = [finish(process) for process in start_nodes(nodes)]
     for code, output in ran:
         assert code == 0, output
