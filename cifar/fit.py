@@ -20,9 +20,10 @@ from .workspace import BATCHES_DIR, MODEL_FILE, RUN_METRICS_FILE, SUMMARY_FILE, 
 LONG_CPU_RUN_S = 3600  # past this estimate on a CPU, point to the quick run
 
 
-def fit(model_params, recipe, system, model, stats, classes, device, claim, node=0):
+def fit(model_params, recipe, system, model, stats, classes, device, claim, node=0, trial=None):
     """Train `model` by `recipe` (its precision resolved) on `device`, as one rank of node `node` under
-    torchrun; the main rank writes the model and metrics."""
+    torchrun; the main rank writes the model and metrics. `trial`: the search trial this run is (cifar.trial), or
+    None."""
     # The data, read before the ranks meet (a bad batch stops each rank alone, in one line), then on the device
     train, monitor, monitor_split = split_data(recipe, len(classes))
     context = distributed.setup(device, node)  # under torchrun: joins the process group, takes cuda:LOCAL_RANK
@@ -55,6 +56,8 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim, node
             row = train_and_score(trainer, data, recipe, context, progress, epoch)
             log_epoch(live, row)
             run_bar.update()
+            if trial is not None:  # a search's trial: report the epoch, stop if the study's pruner says so
+                trial.after_epoch(epoch, recipe.epochs, row[f"{data.monitor_split}/acc"])
             progress.wall_seconds = wall_before + time.perf_counter() - start
             if epoch == progress.first_epoch:
                 estimate(progress, recipe, context.device)

@@ -73,26 +73,41 @@ def _message(schema, error, values, source):
     return f"{where}.{key} = {values[key]!r} must be {schema.model_fields[key].description}"
 
 
-def check_section(schema, values, source=PARAMS_FILE):
-    """The section `schema.section` of params.yaml, checked: its values as a dict."""
+def check_section(schema, values, source=PARAMS_FILE, keys=None):
+    """The section `schema.section` of params.yaml, checked: its values as a dict. With `keys`, only those keys'
+    own errors count: each value on its own, before the values it must agree with are chosen (tools.search)."""
     if not isinstance(values, dict):
         raise UserError(f"{source}: section '{schema.section}' is missing or not a mapping")
     try:
         return schema(**values).model_dump()
     except ValidationError as e:
-        raise UserError(_message(schema, e.errors()[0], values, source))
+        errors = [error for error in e.errors() if keys is None or error["loc"][:1] in [(key,) for key in keys]]
+        if errors:
+            raise UserError(_message(schema, errors[0], values, source))
+        return dict(values)
+
+
+def parse_value(text):
+    """A value as params.yaml and `dvc exp run -S` spell it, read by the stages' YAML rules: '1e-5' a float."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def load_yaml(path, missing="not found"):
+    """A YAML file read by the stages' rules; a missing or broken one is a one-line error naming it."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_Loader)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {missing}")
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})")
 
 
 def read_params(path=PARAMS_FILE):
     """params.yaml as it is, its sections named but not yet checked."""
     path = Path(path)
-    try:
-        with open(path) as f:
-            params = yaml.load(f, Loader=_Loader)
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found; run the stages from the repository root")
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})")
+    params = load_yaml(path, "not found; run the stages from the repository root")
     if not isinstance(params, dict):
         raise UserError(f"{path}: expected a mapping of sections {', '.join(SECTIONS)}")
     unknown = [s for s in params if s not in SECTIONS]

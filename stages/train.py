@@ -15,6 +15,7 @@ from cifar.model import ModelParams, build_model
 from cifar.params import load_params
 from cifar.precision import resolve_precision
 from cifar.training import Recipe
+from cifar.trial import search_trial
 from cifar.workspace import BATCHES_DIR, STATS_FILE, command, read_json
 
 
@@ -47,7 +48,7 @@ def run(argv):
     if distributed.needs_launch(recipe):
         distributed.launch(recipe, system, node, "stages.train", devices.launch_environment(claim))
     else:
-        fit(params["model"], recipe, system, model, stats, classes, device, claim, node)
+        fit(params["model"], recipe, system, model, stats, classes, device, claim, node, search_trial(recipe))
 
 
 if __name__ == "__main__":

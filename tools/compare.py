@@ -60,9 +60,14 @@ def _cell(row, file, column):
     return value
 
 
+def scored(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def experiments(rows):
-    """exp_show's rows -> one record per experiment (or baseline commit) with a test accuracy, and the
-    names of those without one (queued, running, failed)."""
+    """exp_show's rows -> one record per experiment (or baseline commit) with a test accuracy or, for a search
+    trial (tools.search: the train stage alone, scored on validation), a validation accuracy; and the names of
+    those with neither (queued, running, failed)."""
     records, pending = [], []
     for row in rows:
         if row.get("rev") == "workspace":
@@ -70,7 +75,7 @@ def experiments(rows):
         name = row.get("Experiment") or row["rev"]
         record = {"name": name, "rev": row["rev"]}
         record.update({key: _cell(row, *where) for key, where in COLUMNS.items()})
-        if not isinstance(record["accuracy"], (int, float)) or not isinstance(record["params"], (int, float)):
+        if not (scored(record["accuracy"]) or scored(record["validation_accuracy"])) or not scored(record["params"]):
             if row.get("typ") != "baseline":
                 pending.append(f"{name} ({row.get('State') or 'no results'})")
             continue
@@ -78,6 +83,11 @@ def experiments(rows):
         record["epochs"] = int(record["epochs"]) if record["epochs"] is not None else None
         records.append(record)
     return records, pending
+
+
+def rank(test, validation):
+    """Best first: by test accuracy, then the runs with validation accuracy alone (search trials)."""
+    return (test is None, -(test if test is not None else validation))
 
 
 def _number(value, fmt):
@@ -94,10 +104,10 @@ def markdown_table(records):
     header = ["experiment", "rev", "blocks", "widths", "weight decay", "epochs", "parameters", "test accuracy",
               "best epoch accuracy", "train time (s)", "images/s"]
     return _table(header, ([r["name"], r["rev"], str(r["blocks"]), str(r["widths"]), _number(r["weight_decay"], "g"),
-                            _number(r["epochs"], "d"), f"{r['params']:,}", f"{r['accuracy']:.2%}",
+                            _number(r["epochs"], "d"), f"{r['params']:,}", _number(r["accuracy"], ".2%"),
                             _number(r.get("best_epoch_acc"), ".2%"), _number(r["wall_time_s"], ".0f"),
                             _number(r["images_per_s"], ".0f")]
-                           for r in sorted(records, key=lambda r: -r["accuracy"])))
+                           for r in sorted(records, key=lambda r: rank(r["accuracy"], r["validation_accuracy"]))))
 
 
 # a variant's shape (its first run's), and what is summarized over its seeds
@@ -121,8 +131,12 @@ def _summary(summary):
     return "–" if summary is None else summary.percent()
 
 
+def _mean(summary):
+    return None if summary is None else summary.mean
+
+
 def _mean_seconds(summary):
-    return _number(None if summary is None else summary.mean, ".0f")  # no run of the variant logged its time
+    return _number(_mean(summary), ".0f")  # no run of the variant logged its time
 
 
 def variants_table(groups, reference):
@@ -133,12 +147,15 @@ def variants_table(groups, reference):
               "validation accuracy", f"test Δ vs {reference} (points)", "train time (s)"]
 
     def versus(g):
-        return "–" if base is None or g is base else difference(base["accuracy"], g["accuracy"]).points()
-    return _table(header, ([g["variant"], str(g["accuracy"].n), str(g["blocks"]), str(g["widths"]),
+        if base is None or g is base or base["accuracy"] is None or g["accuracy"] is None:
+            return "–"
+        return difference(base["accuracy"], g["accuracy"]).points()
+    return _table(header, ([g["variant"], str(len(g["runs"])), str(g["blocks"]), str(g["widths"]),
                             _number(g["weight_decay"], "g"), _number(g["epochs"], "d"), f"{g['params']:,}",
                             _summary(g["accuracy"]), _summary(g["validation_accuracy"]), versus(g),
                             _mean_seconds(g["wall_time_s"])]
-                           for g in sorted(groups, key=lambda g: -g["accuracy"].mean)))
+                           for g in sorted(groups, key=lambda g: rank(_mean(g["accuracy"]),
+                                                                      _mean(g["validation_accuracy"])))))
 
 
 RUNG = re.compile(r"(?P<prefix>.*?)ablation-(?P<index>\d+)-(?P<rung>.+)")  # tools.sweep's ladder names
@@ -242,9 +259,14 @@ def compare(out_dir=OUT_DIR, curves=None, num=1, reference="final"):
     groups = variant_groups(records)
     write_text(out_dir / "experiments.md", f"## Variants: mean ± standard deviation over seeds\n\n{RULE}.\n\n"
                f"{variants_table(groups, reference)}\n## Every run\n\n{markdown_table(records)}")
-    plot_accuracy_vs_params([{"name": g["variant"], "params": g["params"], "accuracy": g["accuracy"].mean,
-                              "accuracy_std": g["accuracy"].std, "blocks": g["blocks"], "widths": g["widths"],
-                              "weight_decay": g["weight_decay"]} for g in groups], out_dir / "accuracy_vs_params.png")
+    points = [{"name": g["variant"], "params": g["params"], "accuracy": g["accuracy"].mean,
+               "accuracy_std": g["accuracy"].std, "blocks": g["blocks"], "widths": g["widths"],
+               "weight_decay": g["weight_decay"]} for g in groups if g["accuracy"] is not None]
+    if points:
+        plot_accuracy_vs_params(points, out_dir / "accuracy_vs_params.png")
+    else:
+        print("accuracy_vs_params.png: not drawn, no experiment has a test accuracy (search trials are scored on "
+              "validation alone)")
     plot_curves({name: epoch_acc[name][1] for name in curves or by_name}, f"{' or '.join(sorted(splits))} accuracy",
                 out_dir / "epoch_acc.png")
     ladders = ablations(groups)
@@ -267,8 +289,9 @@ def main(argv=None):
                         help="experiments of the last N commits, as dvc exp show -n (default 1; -1: all)")
     args = parser.parse_args(argv)
     records = compare(args.out, args.curves, args.num, args.reference)
-    print(f"compared {len(records)} experiment(s): wrote {args.out}/experiments.md, accuracy_vs_params.png, "
-          "epoch_acc.png")
+    figures = ["accuracy_vs_params.png"] if any(scored(r["accuracy"]) for r in records) else []
+    print(f"compared {len(records)} experiment(s): wrote {args.out}/experiments.md, "
+          f"{', '.join(figures + ['epoch_acc.png'])}")
 
 
 if __name__ == "__main__":

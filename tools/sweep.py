@@ -1,5 +1,5 @@
-"""The study's comparisons, the tuned preset and the tricks' ablation as queued DVC experiments:
-`python -m tools.sweep [--ablation]`, then `dvc queue start -j N`.
+"""The study's comparisons, the tuned preset, the tricks' ablation and a search's best trial as queued DVC
+experiments: `python -m tools.sweep [--ablation] [--best-of STUDY]`, then `dvc queue start -j N`.
 
 The study's recipe is params.yaml's (its defaults always stay the study's): every variant and rung sets the
 keys it compares explicitly, from those values, and everything else comes from params.yaml. For a reduced
@@ -67,6 +67,14 @@ def variants(study):
         # beyond the study: the same model, trained with the tricks that paid
         "tuned": {**study, **{key: value for name in TUNED_TRICKS for key, value in tricks[name].items()}},
     }
+
+
+def best_of(study, name, storage=None):
+    """The variant of the best finished trial of tools.search's study `name`: the study's recipe with the
+    trial's params (the keys the search varied), so that it is confirmed over seeds like any variant."""
+    from tools.search import DEFAULT_STORAGE, best_values
+
+    return {**study, **best_values(name, storage or DEFAULT_STORAGE)}
 
 
 def format_value(value):
@@ -156,6 +164,10 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[], metavar="K",
                         help="queue every variant (or rung) once per seed, named NAME-sK; tools.compare reports "
                              "each variant's mean ± std over them")
+    parser.add_argument("--best-of", metavar="STUDY",
+                        help="add the variant STUDY-best: the study's recipe with the best trial's params of a "
+                             "tools.search study, to confirm over --seeds")
+    parser.add_argument("--storage", help="the --best-of study's Optuna storage URL (default: tools.search's)")
     parser.add_argument("--prefix", default="", help="prepended to every experiment name, e.g. cpu-")
     parser.add_argument("--force", action="store_true", help="replace experiments of the same names")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, queue nothing")
@@ -166,6 +178,8 @@ def main(argv=None):
     overrides = ([f"train.epochs={args.epochs}"] if args.epochs else []) + args.overrides
     recipe = study()
     chosen = ladder(recipe) if args.ablation else variants(recipe)
+    if args.best_of:
+        chosen[f"{args.best_of}-best"] = best_of(recipe, args.best_of, args.storage)
     experiments = planned(args.only or list(chosen), chosen, args.width_divisor, overrides, args.prefix, args.seeds)
     for name, params in experiments:
         print(command_line(name, params, args.force), flush=True)
