@@ -121,14 +121,15 @@ def test_the_ablation_table_cell_by_cell():
             + ladder_rows("t-", [(0, "study", 0.80, 1), (2, "ema", 0.79, 1)], validation=False)
             + ladder_rows("one-", [(0, "study", 0.80, 1)]))
     ladders = compare.ablations(compare.variant_groups(compare.experiments(rows)[0]))
-    # the gains in validation accuracy: +2.00 over a SE of 0.35 is real; one seed's gain has no noise estimate
+    # the gains in validation accuracy: +2.00 over a SE of 0.35 is real (t = 5.66 on df = 2: p = 0.030); one
+    # seed's gain has no noise estimate
     assert compare.ablation_table(ladders[""]) == (
         "| rung | adds | n | validation accuracy | gain in validation accuracy (points) | test accuracy "
         "| test without TTA | train time (s) |\n"
         "|---|---|---|---|---|---|---|---|\n"
         "| 0 | study | 2 | 82.25 ± 0.35 % (n = 2, 82.00–82.50) | – | 80.50 ± 0.71 % (n = 2, 80.00–81.00) "
         "| 79.00 ± 0.00 % (n = 2, 79.00–79.00) | 10 |\n"
-        "| 1 | flip | 2 | 84.25 ± 0.35 % (n = 2, 84.00–84.50) | +2.00 ± 0.35 (real) "
+        "| 1 | flip | 2 | 84.25 ± 0.35 % (n = 2, 84.00–84.50) | +2.00 ± 0.35 (t = 5.66, df = 2.0, p = 0.03: real) "
         "| 82.50 ± 0.71 % (n = 2, 82.00–83.00) | 81.00 ± 0.00 % (n = 2, 81.00–81.00) | 10 |\n"
         "| 2 | ema | 1 | 83.50 % (n = 1) | -0.75 (n = 1: noise unknown) | 81.50 % (n = 1) | 80.50 % (n = 1) | 10 |\n")
     # without validation images the gains are in test accuracy; rung 1 has no results: 2's gain is over 0's
@@ -141,3 +142,23 @@ def test_the_ablation_table_cell_by_cell():
         "| 78.00 % (n = 1) | 10 |\n")
     assert compare.ablation_table(ladders["one-"]).splitlines()[2] == (  # a ladder of one rung: no gain yet
         "| 0 | study | 1 | 82.00 % (n = 1) | – | 80.00 % (n = 1) | 79.00 % (n = 1) | 10 |")
+
+
+def test_runs_of_one_name_in_two_commits_are_two_variants_never_pooled():
+    # -n 2: exp_show lists HEAD's commit with its experiments, then the older commit with its own
+    rows = [{"rev": "master", "typ": "baseline", "Experiment": None},
+            row("final-s0", "aaa0001", 0.80), row("final-s1", "aaa0002", 0.82),
+            {"rev": "1234abc", "typ": "baseline", "Experiment": None},
+            row("final-s0", "bbb0001", 0.70), row("final-s1", "bbb0002", 0.72), row("wide", "bbb0003", 0.75)]
+    records, _ = compare.experiments(rows)
+    assert [r["name"] for r in records] == ["final-s0@master", "final-s1@master", "final-s0@1234abc",
+                                            "final-s1@1234abc", "wide@1234abc"]
+    groups = {g["variant"]: g for g in compare.variant_groups(records)}
+    assert set(groups) == {"final@master", "final@1234abc", "wide@1234abc"}
+    assert groups["final@master"]["accuracy"].mean == pytest.approx(0.81)
+    assert groups["final@1234abc"]["accuracy"].mean == pytest.approx(0.71)
+    # the reference is HEAD's final; the older commit's final is compared with it, not pooled into it
+    table = compare.variants_table(list(groups.values()), "final")
+    assert "| final@1234abc | 2 |" in table and "| -10.00 ± 1.41 (t = -7.07, df = 2.0, p = 0.019: real) |" in table
+    # one commit alone: the names stay as they are
+    assert [r["name"] for r in compare.experiments(rows[:3])[0]] == ["final-s0", "final-s1"]

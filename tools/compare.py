@@ -67,13 +67,16 @@ def scored(value):
 def experiments(rows):
     """exp_show's rows -> one record per experiment (or baseline commit) with a test accuracy or, for a search
     trial (tools.search: the train stage alone, scored on validation), a validation accuracy; and the names of
-    those with neither (queued, running, failed)."""
-    records, pending = [], []
+    those with neither (queued, running, failed). Where the rows span several commits (-n N), every name says
+    its commit, NAME@COMMIT, so that runs of one name in two commits are neither pooled nor confused."""
+    records, pending, commit = [], [], None
     for row in rows:
         if row.get("rev") == "workspace":
             continue
+        if row.get("typ") == "baseline":  # exp_show lists each commit, then its experiments
+            commit = row["rev"]
         name = row.get("Experiment") or row["rev"]
-        record = {"name": name, "rev": row["rev"]}
+        record = {"name": name, "rev": row["rev"], "commit": commit}
         record.update({key: _cell(row, *where) for key, where in COLUMNS.items()})
         if not (scored(record["accuracy"]) or scored(record["validation_accuracy"])) or not scored(record["params"]):
             if row.get("typ") != "baseline":
@@ -82,6 +85,10 @@ def experiments(rows):
         record["params"] = int(record["params"])
         record["epochs"] = int(record["epochs"]) if record["epochs"] is not None else None
         records.append(record)
+    if len({r["commit"] for r in records}) > 1:  # -n N: a name is one experiment per commit, so say which
+        for r in records:
+            if r["name"] != r["commit"]:
+                r["name"] = f"{r['name']}@{r['commit']}"
     return records, pending
 
 
@@ -141,8 +148,9 @@ def _mean_seconds(summary):
 
 def variants_table(groups, reference):
     """One row per variant: its shape, n, mean ± std (min–max) of the test and validation accuracy, and its
-    test accuracy's difference from `reference` (a variant's name) with the noise rule's verdict."""
-    base = next((g for g in groups if g["variant"] == reference), None)
+    test accuracy's difference from `reference` (a variant's name) with Welch's t-test's verdict."""
+    # the reference variant; across commits, the first commit's (exp_show lists HEAD first)
+    base = next((g for g in groups if g["variant"].split("@")[0] == reference), None)
     header = ["variant", "n", "blocks", "widths", "weight decay", "epochs", "parameters", "test accuracy",
               "validation accuracy", f"test Δ vs {reference} (points)", "train time (s)"]
 
