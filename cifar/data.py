@@ -97,10 +97,32 @@ def download(url, md5, dest_dir):
     return target
 
 
+# The globals a batch's pickle may name: numpy's array reconstruction (numpy.core before numpy 2; _frombuffer in
+# protocol 5) and _codecs.encode, which a protocol-2 pickle written by Python 3 spells bytes with
+BATCH_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                 *((f"numpy.{core}.{module}", name) for core in ("core", "_core")
+                   for module, name in [("multiarray", "_reconstruct"), ("numeric", "_frombuffer")])}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Refuses every global but BATCH_GLOBALS: unpickling calls what the file names, and data.url may be any file
+    whose md5 the user sets."""
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in BATCH_GLOBALS:
+            raise UserError(f"{self.path}: refused to unpickle {module}.{name}: a CIFAR-10 batch holds only dicts, "
+                            "lists, strings, bytes, numbers and numpy arrays")
+        return super().find_class(module, name)
+
+
 def _unpickle(path):
     """A pickled dict; its keys as str whether it was written with str keys or (as some copies are) bytes."""
     with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
+        d = _BatchUnpickler(f, path).load()
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
@@ -112,6 +134,8 @@ def read_batch(path):
         labels = np.asarray(batch["labels"], dtype=np.int64)
     except FileNotFoundError:
         raise UserError(f"{path}: missing; run the download stage first (dvc repro download)")
+    except UserError:
+        raise
     except Exception as e:  # unpickling a foreign file can raise nearly anything
         raise UserError(f"{path}: not a CIFAR-10 batch (a pickled dict with 'data' N x 3072 and 'labels'): {e}")
     if len(labels) != len(data) or (len(labels) and not 0 <= labels.min() <= labels.max() < 10):
@@ -161,6 +185,8 @@ def read_classes(batches_dir):
     path = Path(batches_dir) / META_FILE
     try:
         names = _unpickle(path)["label_names"]
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"{path}: not a CIFAR-10 batches.meta with 'label_names': {e}")
     if len(names) != 10:

@@ -6,7 +6,8 @@ help every one of them would train on cuda:0. So the train stage claims its GPUs
 machine-wide folder. The lock is the open file's, so the kernel releases it whenever the process ends, by
 SIGKILL too: a crashed run never keeps a GPU. A run of `train.nproc` ranks claims `nproc` GPUs. When every
 GPU is held, the run waits for one to come free (and says so): a GPU shared by two trainings would run each
-at half speed at best, and may run both out of memory."""
+at half speed at best, and may run both out of memory. Inference (the evaluate stage, tools.predict) is light,
+so it claims nothing and never waits: inference_device."""
 import fcntl
 import os
 import re
@@ -31,7 +32,7 @@ class System(Section):
     torch.compile changes the results only by floating-point rounding (as another GPU model would); the
     rendezvous address and port cannot change them at all, nor can the device (on one kind of device; the
     checkpoint's fingerprint holds the device type), nor can how often torchrun restarts crashed ranks (they
-    resume from the checkpoint bit for bit)."""
+    resume from the checkpoint: bit for bit on the CPU, within cuDNN's run-to-run differences on a GPU)."""
     section = "system"
     device: text(DEVICE_PATTERN, DEVICE_ALLOWED)
     compile: FLAG
@@ -64,6 +65,10 @@ class Claim:
         self._files = []
 
 
+def _lock_file(lock_dir, gpu):
+    return lock_dir / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}.lock"
+
+
 def _try_lock(path):
     f = open(path, "a")
     try:
@@ -83,7 +88,7 @@ def claim_gpus(count, gpus, lock_dir=LOCK_DIR, poll_s=2.0, say=print):
     while True:
         held = {}
         for gpu in gpus:
-            f = _try_lock(lock_dir / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}.lock")
+            f = _try_lock(_lock_file(lock_dir, gpu))
             if f:
                 held[gpu] = f
             if len(held) == count:
@@ -116,6 +121,29 @@ def choose_device(setting, count=1, lock_dir=LOCK_DIR):
         return torch.device("cuda", index), None
     claim = claim_gpus(count, gpus, lock_dir)
     return torch.device("cuda", gpus.index(claim.gpus[0])), claim
+
+
+def is_held(gpu, lock_dir=LOCK_DIR):
+    """Whether a run holds GPU `gpu` (an id) now: a look, not a claim (its lock is taken and dropped at once)."""
+    path = _lock_file(lock_dir, gpu)
+    if not path.is_file():  # never claimed: no lock file to make just to look
+        return False
+    f = _try_lock(path)
+    if f:
+        f.close()
+    return f is None
+
+
+def inference_device(setting, lock_dir=LOCK_DIR):
+    """The device inference runs on for system.device `setting`, at once: it claims nothing and never waits.
+    auto and cuda: the first visible GPU no run holds, else the first visible GPU, shared with a training (a
+    model's forward passes take little of its time and memory); auto without a GPU: the CPU. cpu and cuda:K
+    as choose_device."""
+    gpus = visible_gpus() if setting in ("auto", "cuda") and torch.cuda.is_available() else []
+    if not gpus:
+        return choose_device(setting)[0]  # the CPU, cuda:K as set, or cuda's error without a GPU: no claim
+    free = [gpu for gpu in gpus if not is_held(gpu, lock_dir)]
+    return torch.device("cuda", gpus.index((free or gpus)[0]))
 
 
 def rank_device(setting):

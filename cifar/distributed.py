@@ -2,16 +2,20 @@
 one process (rank) per GPU, or several on a CPU, on one or more nodes, and DistributedDataParallel averages
 the gradients over them in backward. NCCL on CUDA, gloo on the CPU.
 
-With train.nproc * train.nnodes > 1, the train stage (started as usual by `dvc repro`) checks its params,
-then hands itself to torchrun's launcher: `python -m stages.train` comes back as every rank. Each rank
-loads the whole data set, draws the same shuffled order and crops as one process would, trains on its own
-slice of every global batch (see training.train_epoch), and only the main rank (see Context) writes."""
+With train.nproc * train.nnodes > 1, the train stage (started as usual by `dvc repro`) checks its params and
+reads its data, then hands itself to torchrun's launcher: `python -m stages.train` comes back as every rank.
+Each rank loads the whole data set, draws the same shuffled order and crops as one process would, trains on
+its own slice of every global batch (see training.train_epoch), and only the main rank (see Context) writes."""
 import argparse
 import atexit
+import ctypes
 import os
+import signal
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,9 +23,14 @@ from torch import nn
 
 from .workspace import UserError
 
-# The exit status of a rank stopped by bad input (a UserError: params, data files): torchrun restarts ranks
-# that crash (system.max_restarts), but a rank with this status would fail the same way again, so it is not.
-BAD_INPUT_EXIT = 3
+# What the launcher tells its ranks: its process id (a rank ends when its launcher is gone: die_with_launcher),
+# and the file in which a rank leaves the message of a stop every rank agreed on (GroupStop)
+LAUNCHER_PID, STOP_FILE = "CIFAR10_LAUNCHER_PID", "CIFAR10_STOP_FILE"
+PR_SET_PDEATHSIG = 1  # prctl's option (linux/prctl.h): a signal for this process when its parent dies
+
+
+class GroupStop(UserError):
+    """Bad input that every rank finds alike, together (the nodes differ): the run stops, and is not retried."""
 
 
 @dataclass(frozen=True)
@@ -92,28 +101,14 @@ def torchrun_args(recipe, system, node, module):
                    f"--rdzv-conf=is_host={int(node == 0)}", "-m", module, f"--node-rank={node}"]
 
 
-def _no_restart_after_bad_input(agent_class):
-    """torchrun's agent, except that a rank which exited with BAD_INPUT_EXIT uses up the restarts: the group
-    fails at once instead of retrying what cannot succeed."""
-    class Agent(agent_class):
-        def _monitor_workers(self, worker_group):
-            result = super()._monitor_workers(worker_group)
-            if any(failure.exitcode == BAD_INPUT_EXIT for failure in result.failures.values()):
-                self._remaining_restarts = 0
-            return result
-    return Agent
-
-
 def launch(recipe, system, node, module, environment):
     """Run `python -m module` as recipe.nproc ranks on this node through torchrun's own launcher, with
-    `environment` added to theirs (the GPUs this launcher claimed for them), and wait. When a rank fails,
-    torchrun stops the others; the failure becomes one UserError line (the rank's own error is printed above
-    it)."""
-    from unittest import mock
-
+    `environment` added to theirs (the GPUs this launcher claimed for them), and wait. The stage has checked
+    every input a rank reads before this, so a rank that fails has crashed, and torchrun restarts them all
+    (system.max_restarts). When the restarts are spent, torchrun stops the others and the failure becomes one
+    UserError line (the rank's own error is printed above it); a GroupStop the ranks left becomes its own."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher import api
 
     args = torchrun_args(recipe, system, node, module)
     # each rank's share of the cores (torch reads OMP_NUM_THREADS at start), unless the user set it: two
@@ -124,35 +119,53 @@ def launch(recipe, system, node, module, environment):
     # restarted ranks then read the dead ranks' gloo addresses left in it and hang in init_process_group.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     sys.stdout.flush()
-    try:
-        with mock.patch.object(api, "LocalElasticAgent", _no_restart_after_bad_input(api.LocalElasticAgent)):
+    with tempfile.TemporaryDirectory(prefix="cifar10-launch-") as folder:
+        stop = Path(folder) / "stop"
+        os.environ.update({LAUNCHER_PID: str(os.getpid()), STOP_FILE: str(stop)})
+        try:
             torchrun.run(torchrun.parse_args(args))
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode == BAD_INPUT_EXIT:
-            raise UserError(f"training on {recipe.world_size} processes failed: rank {rank} stopped on bad input "
-                            "(its error is above), not restarted, and torchrun stopped the others")
-        raise UserError(f"training on {recipe.world_size} processes failed: rank {rank} exited with code "
-                        f"{failure.exitcode} (its error is above) after {system.max_restarts} restart(s) "
-                        "(system.max_restarts), and torchrun stopped the others")
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            raise UserError(f"training on {recipe.world_size} processes failed: rank {rank} exited with code "
+                            f"{failure.exitcode} (its error is above) after {system.max_restarts} restart(s) "
+                            "(system.max_restarts), and torchrun stopped the others")
+        if stop.is_file():
+            raise UserError(stop.read_text())
+
+
+def die_with_launcher():
+    """In a rank on Linux: the kernel SIGKILLs it when its parent, torchrun's agent in the launcher, dies
+    (prctl's PR_SET_PDEATHSIG), however the launcher dies; a rank left behind would train on beside the next
+    run, or wait in a collective until gloo's or NCCL's timeout. SIGKILL, since a rank blocked in a collective
+    runs no Python signal handler; the checkpoint is written whole or not at all."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if LAUNCHER_PID in os.environ and os.getppid() != int(os.environ[LAUNCHER_PID]):
+        os.kill(os.getpid(), signal.SIGKILL)  # the launcher died before prctl: no signal will come
 
 
 @contextmanager
-def bad_input_status():
-    """In a rank, a UserError without an exit status of its own exits with BAD_INPUT_EXIT, which torchrun's
-    agent does not restart (a signal's Stopped keeps 128 + signum: a killed rank is restarted)."""
+def group_stop_reported():
+    """In a rank: a GroupStop leaves its message for the launcher (STOP_FILE, written once per node) and ends
+    the rank with status 0, since torchrun restarts ranks that end otherwise; every rank stops alike, and the
+    launcher reports it."""
     try:
         yield
-    except UserError as e:
-        if under_torchrun() and not hasattr(e, "exit_status"):
-            e.exit_status = BAD_INPUT_EXIT
-        raise
+    except GroupStop as e:
+        if not under_torchrun() or STOP_FILE not in os.environ:
+            raise
+        if os.environ["LOCAL_RANK"] == "0":
+            Path(os.environ[STOP_FILE]).write_text(str(e))
 
 
-def setup(device, node=0):
+def setup(device, node=0, run_fingerprint=None):
     """This process's Context. Under torchrun: joins the process group (NCCL with one GPU per local rank,
-    or gloo on the CPU), leaves it at exit, finds the main rank (node 0's first), and on the other ranks
-    silences stdout so that only the main one reports (errors still reach stderr)."""
+    or gloo on the CPU), leaves it at exit, finds the main rank (node 0's first), checks that every rank's
+    run fingerprint (resume.fingerprint) is the main rank's, and on the other ranks silences stdout so that
+    only the main one reports (errors still reach stderr)."""
     if not under_torchrun():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # the claimed GPU is this process's current one, for every library
@@ -165,21 +178,48 @@ def setup(device, node=0):
     else:
         dist.init_process_group("gloo")  # on the CPU's share launch() gave this rank (OMP_NUM_THREADS)
     atexit.register(teardown)
-    # One all-reduce (max) finds the main rank, the only rank that offers its own number, and the restarts so
-    # far: on several nodes only the failed rank's agent counts one (the others restart for the new round its
-    # rendezvous opens), so the count is the most any rank was told.
-    rank, first_of_node_0 = dist.get_rank(), node == 0 and local_rank == 0
-    found = torch.tensor([rank if first_of_node_0 else 0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))],
-                         device=device)
-    dist.all_reduce(found, op=dist.ReduceOp.MAX)
-    main_rank, restarts = found.tolist()
-    context = Context(device, rank, dist.get_world_size(), main_rank)
+    # One all-gather tells every rank every rank's node and fingerprint, which finds the main rank and checks
+    # that the nodes agree, and the restarts so far: on several nodes only the failed rank's agent counts one
+    # (the others restart for the new round its rendezvous opens), so the count is the most any rank was told.
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, {"node": node, "first": local_rank == 0, "fingerprint": run_fingerprint,
+                                   "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))})
+    main_rank = next((r for r, peer in enumerate(ranks) if peer["node"] == 0 and peer["first"]), 0)
+    check_nodes_agree(ranks, main_rank)
+    restarts = max(peer["restarts"] for peer in ranks)
+    context = Context(device, dist.get_rank(), dist.get_world_size(), main_rank)
     if not context.is_main:
         sys.stdout = open(os.devnull, "w")
     if restarts:
         print(f"torchrun restarted the ranks after a failure (restart {restarts} of at most "
               f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)})", flush=True)
     return context
+
+
+def check_nodes_agree(ranks, main_rank):
+    """A GroupStop naming each node whose fingerprint is not the main rank's, and what differs: before any
+    step, every rank raises it alike. Nodes with a stale checkout, other params or other data would otherwise
+    train together, silently."""
+    main = ranks[main_rank]
+    found = {peer["node"]: differences(main["fingerprint"], peer["fingerprint"]) for peer in ranks
+             if peer["fingerprint"] != main["fingerprint"]}
+    if found:
+        raise GroupStop("; ".join(f"node {node} differs from node {main['node']} in {', '.join(what)}"
+                                  for node, what in sorted(found.items())) +
+                        ": every node needs the same checkout, params and data (docs/distributed.md)")
+
+
+def differences(a, b):
+    """What differs between two fingerprints (resume.fingerprint): each part that differs by its name, or for
+    the parts that are files ({path: digest}, the data and the code), each file that differs."""
+    found = []
+    for part in a.keys() | b.keys():
+        mine, theirs = a.get(part), b.get(part)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            found += [name for name in mine.keys() | theirs.keys() if mine.get(name) != theirs.get(name)]
+        elif mine != theirs:
+            found.append(part)
+    return sorted(found)
 
 
 def teardown():
@@ -208,7 +248,7 @@ def shard(n, rank, world_size):
 
 
 def all_sum(*tensors):
-    """The tensors (scalars) summed over all ranks, in one all_reduce."""
+    """The tensors (scalars, or vectors of one length) summed over all ranks in float64, in one all_reduce."""
     total = torch.stack([t.to(torch.float64) for t in tensors])
     dist.all_reduce(total)
     return tuple(total)

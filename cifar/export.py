@@ -11,6 +11,7 @@ export.max_logit_diff and export.min_agreement, or the stage fails and writes no
 import json
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from .augment import Normalizer
@@ -20,14 +21,30 @@ from .workspace import UserError, atomic_path, write_json
 
 INPUT = "images"
 INPUT_DESCRIPTION = "float32 [N, 3, 32, 32]: RGB pixel values 0-255, unnormalized"
+OLDEST_OPSET = 18  # torch.onnx builds the graph in opset 18 (torchlib's), then converts it to the one asked for
+
+
+def newest_opset():
+    """The newest opset the exporter writes: it converts with onnx's version converter, which knows the opsets up to
+    the installed onnx's (a newer one fails inside torch.onnx.export, which then writes opset 18 all the same)."""
+    import onnx  # slow to import: only the export stage needs it
+
+    return onnx.defs.onnx_opset_version()
 
 
 class ExportParams(Section):
     """The `export` section: the ONNX opset and the check's tolerances."""
     section = "export"
-    opset: integer(18)  # torch.onnx's exporter writes opset 18 and newer
+    opset: integer(OLDEST_OPSET)
     max_logit_diff: number(ge=0)
     min_agreement: number(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _writable_opset(self):
+        if self.opset > (newest := newest_opset()):
+            raise ValueError(f"export.opset = {self.opset} must be an opset the installed exporter writes: "
+                             f"{OLDEST_OPSET} to {newest}")
+        return self
 
 
 class Normalized(nn.Module):
@@ -60,6 +77,8 @@ def to_onnx(model, checkpoint, opset, path):
         raise UserError(f"export.opset = {opset}: torch.onnx.export failed ({type(e).__name__}: {e})".splitlines()[0])
     proto = program.model_proto
     written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:  # the exporter logs a failed conversion and keeps its own opset
+        raise UserError(f"export.opset = {opset}: torch.onnx.export wrote opset {written} instead")
     metadata = {CLASSES_KEY: json.dumps(checkpoint["classes"]), "mean": json.dumps(stats["mean"]),
                 "std": json.dumps(stats["std"]), "input": INPUT_DESCRIPTION, "opset": str(written)}
     for key, value in metadata.items():

@@ -13,21 +13,37 @@ from . import devices, distributed
 from .data import hold_out, load_split
 from .live import log_epoch, open_log
 from .model import count_parameters, save_model
-from .resume import CHECKPOINT_FILE, Progress, StopSignals, fingerprint, load_checkpoint, save_checkpoint
-from .training import Data, ema_batchnorm, make_trainer, monitor_scores, train_epoch
-from .workspace import BATCHES_DIR, MODEL_FILE, RUN_METRICS_FILE, SUMMARY_FILE, write_json, write_text
+from .resume import Progress, StopSignals, checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
+from .training import Data, ema_batchnorm, make_trainer, monitor_scores, score, train_epoch
+from .trial import Pruned
+from .workspace import (
+    BATCHES_DIR,
+    MODEL_FILE,
+    RUN_METRICS_FILE,
+    STATS_FILE,
+    SUMMARY_FILE,
+    UserError,
+    read_json,
+    write_json,
+    write_text,
+)
 
 LONG_CPU_RUN_S = 3600  # past this estimate on a CPU, point to the quick run
 
 
-def fit(model_params, recipe, system, model, stats, classes, device, claim, node=0, trial=None):
-    """Train `model` by `recipe` (its precision resolved) on `device`, as one rank of node `node` under
-    torchrun; the main rank writes the model and metrics. `trial`: the search trial this run is (cifar.trial), or
-    None."""
-    # The data, read before the ranks meet (a bad batch stops each rank alone, in one line), then on the device
-    train, monitor, monitor_split = split_data(recipe, len(classes))
-    context = distributed.setup(device, node)  # under torchrun: joins the process group, takes cuda:LOCAL_RANK
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+def fit(model_params, recipe, system, model, stats, classes, device, claim, node=0, trial=None, *, split,
+        tta="none"):
+    """Train `model` by `recipe` (its precision resolved) on `device` with the data `split` (split_data), as
+    one rank of node `node` under torchrun; the main rank writes the model and metrics. `trial`: the search
+    trial this run is (cifar.trial), or None. `tta`: evaluate.tta, with which the final model is also scored
+    on held-out validation images, once."""
+    train, monitor, monitor_split = split
+    run_fingerprint = fingerprint(model_params, recipe, device)
+    # under torchrun: joins the process group, takes cuda:LOCAL_RANK, checks every node's fingerprint is node 0's
+    context = distributed.setup(device, node, run_fingerprint)
+    # fixed input shapes: let cuDNN pick its fastest kernels (which may differ from run to run: on a GPU, a
+    # resumed run is not bit for bit the uninterrupted one)
+    torch.backends.cudnn.benchmark = True
     data = Data.on_device(train, monitor, stats, context.device, monitor_split)
     if context.is_main:
         write_text(SUMMARY_FILE, layer_table(model))
@@ -35,8 +51,8 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim, node
 
     # Build the run, or restore it from the checkpoint of an interrupted one
     trainer = make_trainer(model, recipe, context, system.compile, len(data.labels))
-    run_fingerprint = fingerprint(model_params, recipe, context.device)
-    progress = restore(trainer, run_fingerprint, recipe, context)
+    checkpoint = checkpoint_path(run_fingerprint)
+    progress = restore(trainer, checkpoint, run_fingerprint, recipe, context)
     where = devices.describe(context.device, claim)
     print(f"training {num_params:,} parameters on {where} in {recipe.precision}"
           f"{', compiled' if system.compile else ''}"
@@ -46,7 +62,7 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim, node
 
     # Train, log and save one epoch at a time
     start, wall_before = time.perf_counter(), progress.wall_seconds
-    stopped = StopSignals(progress.stop_message)
+    stopped = StopSignals(lambda: progress.stop_message(checkpoint))
     run_bar = tqdm(total=recipe.epochs, initial=progress.finished, desc="run", unit="epoch", position=0,
                    disable=not context.is_main, dynamic_ncols=True)
     with open_log(context) as live, stopped, run_bar:
@@ -57,15 +73,25 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim, node
             log_epoch(live, row)
             run_bar.update()
             if trial is not None:  # a search's trial: report the epoch, stop if the study's pruner says so
-                trial.after_epoch(epoch, recipe.epochs, row[f"{data.monitor_split}/acc"])
+                try:
+                    trial.after_epoch(epoch, recipe.epochs, row[f"{data.monitor_split}/acc"])
+                except Pruned:  # never run again, unlike a killed trial: nothing to resume
+                    checkpoint.unlink(missing_ok=True)
+                    raise
             progress.wall_seconds = wall_before + time.perf_counter() - start
             if epoch == progress.first_epoch:
                 estimate(progress, recipe, context.device)
             with stopped.deferred():  # a signal now waits until this epoch is saved
                 if context.is_main:
-                    save_checkpoint(CHECKPOINT_FILE, run_fingerprint, progress, trainer)
+                    save_checkpoint(checkpoint, run_fingerprint, progress, trainer)
         progress.wall_seconds = wall_before + time.perf_counter() - start
         live.log_metric(f"best_{data.monitor_split}_acc", progress.best_acc, plot=False)
+        if data.monitor_split == "validation" and context.is_main:
+            # the search's objective (tools.search): the final model on the held-out images with evaluate.tta,
+            # once, so the TTA is chosen without the test set; the curves stay without it
+            live.log_metric("validation/acc_with_tta", score(trainer.result, data.monitor_images, data.monitor_labels,
+                                                             data.normalize, recipe.batch_size, recipe.precision,
+                                                             tta)[1].item(), plot=False)
         live.summary["device"] = where  # which GPU (or the CPU) trained it, beside the last epoch's values
 
     # The run's metrics and the model
@@ -73,17 +99,29 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim, node
         write_json(RUN_METRICS_FILE, run_metrics(progress, num_params, len(data.labels)))
         # the unwrapped model (the same state_dict keys as on one process), or its EMA when on
         save_model(MODEL_FILE, trainer.result, stats, classes, recipe.precision)
-        CHECKPOINT_FILE.unlink(missing_ok=True)  # done: a later forced rerun trains afresh
+        checkpoint.unlink(missing_ok=True)  # done: a later forced rerun trains afresh
     split = data.monitor_split
     print(f"final {split} acc {progress.history[-1][f'{split}/acc']:.4f}, best {progress.best_acc:.4f}, "
           f"{progress.wall_seconds:.0f} s; saved {MODEL_FILE}")
 
 
+def read_stats():
+    """data/stats.json, checked: every rank normalizes by it, so a bad one must stop the run before any starts."""
+    stats = read_json(STATS_FILE, "stats")
+    if not (isinstance(stats, dict) and all(
+            isinstance(stats.get(key), list) and len(stats[key]) == 3 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats[key]) for key in ("mean", "std"))
+            and all(v > 0 for v in stats["std"])):
+        raise UserError(f"{STATS_FILE}: not the stats stage's {{\"mean\": [3 numbers], \"std\": [3 numbers > 0]}}; "
+                        "rerun it (dvc repro --force stats)")
+    return stats
+
+
 def split_data(recipe, num_classes):
-    """(training images and labels, the images every epoch is scored on, their name). With
-    train.validation_images > 0, those are held out of the training set (data.hold_out), training never sees
-    them, and the test set is not read at all: the evaluate stage scores it, once. Else, as in the study, every
-    epoch is scored on the test set."""
+    """(training images and labels, the images every epoch is scored on, their name), every batch read and
+    checked. With train.validation_images > 0, those are held out of the training set (data.hold_out), training
+    never sees them, and the test set is not read at all: the evaluate stage scores it, once. Else, as in the
+    study, every epoch is scored on the test set."""
     images, labels = load_split(BATCHES_DIR, "train")
     if not recipe.validation_images:
         return (images, labels), load_split(BATCHES_DIR, "test"), "test"
@@ -91,13 +129,13 @@ def split_data(recipe, num_classes):
     return (images[kept], labels[kept]), (images[held], labels[held]), "validation"
 
 
-def restore(trainer, run_fingerprint, recipe, context):
-    """The Progress of the interrupted run the checkpoint holds (the trainer restored to it), or a fresh one.
-    The main rank alone saves it and reads it, and sends it to every rank, on every node
+def restore(trainer, checkpoint, run_fingerprint, recipe, context):
+    """The Progress of the interrupted run the `checkpoint` file holds (the trainer restored to it), or a fresh
+    one. The main rank alone saves it and reads it, and sends it to every rank, on every node
     (resume.load_checkpoint)."""
-    progress = load_checkpoint(CHECKPOINT_FILE, run_fingerprint, trainer, context.main_rank)
+    progress = load_checkpoint(checkpoint, run_fingerprint, trainer, context.main_rank)
     if progress:
-        print(f"resuming from {CHECKPOINT_FILE} after epoch {progress.finished}/{recipe.epochs}")
+        print(f"resuming from {checkpoint} after epoch {progress.finished}/{recipe.epochs}")
     else:
         progress = Progress(recipe.epochs)
     progress.first_epoch = progress.finished + 1  # this process's first: the one its estimate is made after
@@ -111,7 +149,7 @@ def train_and_score(trainer, data, recipe, context, progress, epoch):
     train_loss, train_acc = train_loss.item(), train_acc.item()  # one host sync per epoch
     progress.train_seconds += time.perf_counter() - epoch_start
     if trainer.ema is not None:
-        ema_batchnorm(trainer, data, recipe)
+        ema_batchnorm(trainer, data, recipe, context)
     loss, acc = (v.item() for v in monitor_scores(trainer, data, recipe, context))
     lr = trainer.scheduler.get_last_lr()[0]
     split = data.monitor_split

@@ -1,7 +1,7 @@
 """The trained model as a function of images: uint8 RGB [N, 3, 32, 32] in, fp32 logits [N, classes] out, from
-models/model.pt through PyTorch or from models/model.onnx through onnxruntime. What tools.predict runs, and
-the two sides the export stage's check compares. Each side normalizes as the model file says: model.pt holds
-the training set's mean and std, model.onnx has them in its graph."""
+models/model.pt through PyTorch or from models/model.onnx through onnxruntime. What tools.predict runs, what
+the evaluate stage scores, and the two sides the export stage's check compares. Each side normalizes as the
+model file says: model.pt holds the training set's mean and std, model.onnx has them in its graph."""
 import json
 from pathlib import Path
 
@@ -17,7 +17,8 @@ CLASSES_KEY = "classes"  # the ONNX file's metadata_props entry holding the clas
 
 
 class TorchModel:
-    """model.pt in PyTorch on `device`, in the precision the evaluate stage scores it in (or `precision`)."""
+    """model.pt in PyTorch on `device`, in evaluation_precision for the device (or `precision`). The evaluate
+    stage scores its model, normalize and precision, so tools.predict's classes are evaluate's."""
 
     def __init__(self, path, device, precision=None):
         model, checkpoint = load_model(path)

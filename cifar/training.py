@@ -229,14 +229,41 @@ def train_epoch(trainer, data, recipe, context, desc="train"):
     return loss_sum / len(labels), correct / len(labels)
 
 
-def ema_batchnorm(trainer, data, recipe):
+def ema_batchnorm(trainer, data, recipe, context=None):
     """Recompute the EMA model's BatchNorm statistics for its own weights (torch's update_bn: one forward pass
-    in train mode over the training images, uncropped and unflipped, a cumulative average): done after every
-    epoch, before the EMA is scored and saved. It costs about a third of an epoch's compute (a forward pass,
-    no backward). Every rank computes the same statistics from the whole set."""
+    in train mode over the training images, uncropped and unflipped, in batches of train.batch_size; each
+    statistic the average of its batches'): done after every epoch, before the EMA is scored and saved. It
+    costs about a third of an epoch's compute (a forward pass, no backward), shared out on several ranks: each
+    takes its share of the batches, and combine_batchnorm gives every rank the average over all of them. With
+    SyncBatchNorm each rank takes its slice of every batch instead: SyncBatchNorm combines a batch's
+    statistics over the ranks itself."""
     images = data.padded[:, :, PAD:-PAD, PAD:-PAD]
+    batches = images.split(recipe.batch_size)
+    model, context = trainer.ema.module, context or Context(images.device)
+    synced = any(isinstance(module, nn.SyncBatchNorm) for module in model.modules())
+    if synced:
+        batches = [batch[shard(len(batch), context.rank, context.world_size)] for batch in batches]
+    else:
+        batches = batches[shard(len(batches), context.rank, context.world_size)]
     with autocast(images.device, recipe.precision):
-        update_bn((data.normalize(x) for x in images.split(recipe.batch_size)), trainer.ema.module)
+        update_bn((data.normalize(x) for x in batches), model)
+    if context.world_size > 1 and not synced:
+        combine_batchnorm(model)
+
+
+def combine_batchnorm(model):
+    """Each BatchNorm's statistics averaged over every rank's batches: a rank's averages times its count of
+    batches, summed over the ranks in one all-reduce, over the total count."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    weighted = [t for m in norms for n in [m.num_batches_tracked.double()]
+                for t in (m.running_mean.double() * n, m.running_var.double() * n, n.view(1))]
+    (total,) = all_sum(torch.cat(weighted))
+    sums = iter(total.split([len(t) for t in weighted]))
+    for m in norms:
+        mean, var, count = next(sums), next(sums), next(sums)
+        m.running_mean.copy_(mean / count)
+        m.running_var.copy_(var / count)
+        m.num_batches_tracked.copy_(count.squeeze())
 
 
 def monitor_scores(trainer, data, recipe, context):

@@ -1,7 +1,7 @@
-"""A search trial's side of `python -m tools.search` (docs/experiments.md#searching-the-design-space-optuna): the train stage of an experiment that an
-Optuna study proposed reports each epoch's validation accuracy to the study, and stops when the study's pruner
-says the trial is behind. tools.search names the trial in the environment (TRIAL_ENV); a run without it is an
-ordinary run and never imports Optuna.
+"""A search trial's side of `python -m tools.search` (docs/experiments.md, "Searching the design space"): the
+train stage of an experiment that an Optuna study proposed reports each epoch's validation accuracy to the study,
+and stops when the study's pruner says the trial is behind. tools.search names the trial in the environment
+(TRIAL_ENV); a run without it is an ordinary run and never imports Optuna.
 
 Only Optuna's public storage and pruner interfaces are used: the worker that asked for the trial owns it (its
 heartbeat, its final state), and this process only adds intermediate values and a user attribute to it."""

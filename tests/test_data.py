@@ -1,6 +1,7 @@
 """Download, checksum, extraction, batch reading and channel statistics."""
 import gzip
 import hashlib
+import pickle
 import re
 
 import numpy as np
@@ -147,3 +148,40 @@ def test_channel_stats_match_a_float64_computation():
     mean, std = channel_stats(images)
     assert mean == pytest.approx(x.mean(1).tolist(), abs=1e-12)
     assert std == pytest.approx(x.std(1, correction=0).tolist(), abs=1e-12)
+
+
+class Payload:
+    """Unpickled, it would create the file `marker` (io.open): what a crafted batch could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("name", ["data_batch_2", "batches.meta"])
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, archive_dir, name):
+    """data.url may name any local file whose md5 the user sets: unpickling names no global a batch does not hold."""
+    marker = tmp_path / "ran"
+    files = synthetic_batches()
+    files[name] = pickle.dumps({**files[name], "labels": Payload(marker), "label_names": Payload(marker)}, protocol=2)
+    md5 = build_archive(tmp_path / "crafted.tar.gz", files)
+    with pytest.raises(UserError) as error:
+        download(str(tmp_path / "crafted.tar.gz"), md5, tmp_path / "data")
+    assert re.fullmatch(rf".*/cifar-10-batches-py/{name}: refused to unpickle io.open: a CIFAR-10 batch holds "
+                        r"only dicts, lists, strings, bytes, numbers and numpy arrays", str(error.value)), error.value
+    assert not marker.exists()
+    assert_nothing_left_and_a_corrected_run_works(tmp_path / "data", archive_dir)
+
+
+# numpy >= 2 pickles arrays through numpy._core; the official archive (protocol 2, numpy 1) through numpy.core
+@pytest.mark.parametrize("protocol, numpy_module", [*((p, "numpy._core") for p in range(pickle.HIGHEST_PROTOCOL + 1)),
+                                                    (2, "numpy.core")])
+def test_a_batch_pickled_by_any_protocol_and_numpy_reads(tmp_path, protocol, numpy_module):
+    batch = synthetic_batches()["data_batch_1"]
+    payload = pickle.dumps({**batch, "batch_label": batch["batch_label"].encode()}, protocol=protocol)
+    (tmp_path / "batch").write_bytes(payload.replace(b"numpy._core", numpy_module.encode()))
+    images, labels = read_batch(tmp_path / "batch")
+    assert torch.equal(images.reshape(len(images), -1), torch.from_numpy(batch["data"]))
+    assert labels.tolist() == batch["labels"]

@@ -1,15 +1,26 @@
 """One GPU per concurrent run, without GPUs: concurrent processes claim 4 simulated GPUs (their ids) through
 the real locks in a folder of their own, and the device setting is resolved with CUDA's answers
-monkeypatched."""
+monkeypatched; inference takes its GPU at once, claiming none."""
+import importlib
 import multiprocessing
 import os
+import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
 from cifar import devices
-from cifar.devices import choose_device, claim_gpus, describe, launch_environment, rank_device, visible_gpus
+from cifar.devices import (
+    choose_device,
+    claim_gpus,
+    describe,
+    inference_device,
+    launch_environment,
+    rank_device,
+    visible_gpus,
+)
 from cifar.workspace import UserError
 
 GPUS = ["0", "1", "2", "3"]
@@ -203,3 +214,56 @@ def test_no_gpu_visible_is_said_as_none(tmp_path):
     with pytest.raises(UserError, match=r"^1 GPU\(s\) needed \(train.nproc\) but 0 visible: none$"):
         claim_gpus(1, [], tmp_path)
     assert launch_environment(None) == {}  # no claim (the CPU, or cuda:K as set): nothing to add
+
+
+def test_inference_takes_a_free_gpu_else_shares_one_and_never_waits(four_gpus, monkeypatch):
+    """Trainings hold GPUs 0 and 1: inference takes GPU 2; they hold all four: it shares the first, at once.
+    It claims none, so a training started after it still gets every GPU no training holds."""
+    monkeypatch.setattr(devices.time, "sleep", lambda s: pytest.fail("waited for a GPU"))
+    claim_gpus(4, GPUS, four_gpus).release()  # trainings that ended: every GPU has its lock file, free
+    first_two = claim_gpus(2, GPUS, four_gpus)
+    assert inference_device("auto", four_gpus) == inference_device("cuda", four_gpus) == torch.device("cuda", 2)
+    last_two = claim_gpus(2, GPUS, four_gpus)  # GPU 2 free to claim: inference held nothing
+    assert last_two.gpus == ["2", "3"]
+    assert inference_device("auto", four_gpus) == inference_device("cuda", four_gpus) == torch.device("cuda", 0)
+    assert inference_device("cuda:3", four_gpus) == torch.device("cuda", 3)  # as set, held or not
+    assert inference_device("cpu", four_gpus) == torch.device("cpu")
+    first_two.release()
+    last_two.release()
+
+
+def test_inference_looks_at_the_visible_gpus_in_cuda_order_and_makes_no_lock_file(four_gpus, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    busy = claim_gpus(1, ["3"], four_gpus)  # GPU 1 was never claimed: it has no lock file
+    assert inference_device("auto", four_gpus) == torch.device("cuda", 1)  # GPU 1, this process's cuda:1
+    assert [p.name for p in four_gpus.iterdir()] == ["gpu-3.lock"]  # looking made no lock file
+    busy.release()
+
+
+def test_inference_without_a_gpu_is_on_the_cpu_and_cuda_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert inference_device("auto", tmp_path) == torch.device("cpu")
+    with pytest.raises(UserError, match="system.device = 'cuda' but PyTorch sees no CUDA GPU"):
+        inference_device("cuda", tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["stages.evaluate", "tools.predict"])
+def test_evaluate_and_predict_never_wait_behind_training(four_gpus, monkeypatch, stage, entry):
+    """Trainings hold every GPU: evaluate and tools.predict take the first, shared, at once, and stop only at
+    the missing model. Their inference_device looks at the test's locks, not the machine's."""
+    held = claim_gpus(4, GPUS, four_gpus)
+    monkeypatch.setattr(devices.time, "sleep", lambda s: pytest.fail("waited for a GPU"))
+    monkeypatch.setattr(devices, "claim_gpus", lambda *a, **k: pytest.fail("claimed a GPU"))
+    module, got = importlib.import_module(entry), []
+    monkeypatch.setattr(module, "inference_device",
+                        lambda setting: got.append(inference_device(setting, four_gpus)) or got[-1])
+    work = four_gpus / "work"
+    work.mkdir()
+    shutil.copy(Path(__file__).resolve().parent.parent / "params.yaml", work)  # system.device: auto
+    (work / "cat.png").touch()
+    ran = stage(work, entry, "cat.png") if entry == "tools.predict" else stage(work, "evaluate")
+    assert ran.code == 1 and ran.err.startswith("error: models/model.pt: no such checkpoint"), ran.output
+    assert got == [torch.device("cuda", 0)]
+    held.release()

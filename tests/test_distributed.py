@@ -1,5 +1,6 @@
 """Several processes (DistributedDataParallel, gloo on the CPU): the shards, the crops, the launcher's command
-line, and one step on 2 processes with half the batch each against 1 process with the whole batch."""
+line, one step on 2 processes with half the batch each against 1 process with the whole batch, and the EMA's
+BatchNorm pass shared out over 2 processes against 1 process."""
 import subprocess
 import sys
 
@@ -13,14 +14,15 @@ from test_pipeline import OUTPUTS
 from torch import nn
 
 from cifar.augment import random_crop_flip, reflect_pad
-from cifar.distributed import Context, check, node_rank, shard, torchrun_args
+from cifar.distributed import Context, check, differences, node_rank, shard, torchrun_args
 from cifar.model import ResNet
-from cifar.training import Data, make_trainer, train_epoch
+from cifar.training import Data, ema_batchnorm, make_trainer, train_epoch
 from cifar.workspace import UserError
 
 TRAIN = recipe(epochs=1, batch_size=50, precision="fp32", nproc=2)
 SYSTEM = system()
 CPU = torch.device("cpu")
+GPUS = torch.cuda.device_count()
 
 
 def test_shards_cover_the_batch_in_order_and_differ_by_at_most_one():
@@ -118,6 +120,71 @@ def rank_main(rank, store, out, cuda):
         torch.save(results, out)
 
 
+def ema_statistics(n, context, batch_size=20, sync_bn=False):
+    """ema_batchnorm over n random images in batches of batch_size, on this context's share: (the EMA's
+    BatchNorm buffers, the images each forward pass took)."""
+    torch.manual_seed(0)
+    recipe = changed(TRAIN, batch_size=batch_size, ema_decay=0.6, sync_bn=sync_bn)
+    trainer = make_trainer(ResNet([1, 1, 1, 1], [8, 16, 32, 64]), recipe, context, False, n)
+    images, labels = data(n)
+    data_set = Data.on_device((images, labels), (images[:1], labels[:1]), {"mean": [0.5] * 3, "std": [0.25] * 3},
+                              context.device)
+    seen = []
+    trainer.ema.module.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
+    ema_batchnorm(trainer, data_set, recipe, context)
+    buffers = {k: v.cpu().clone() for k, v in trainer.ema.module.state_dict().items()
+               if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    return buffers, seen
+
+
+def ema_rank_main(rank, store, folder, cuda=False):
+    torch.set_num_threads(1)
+    if cuda:  # both ranks on one GPU, through gloo (NCCL wants a GPU each), in true fp32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        found = ema_statistics(130, Context(torch.device("cuda", 0) if cuda else CPU, rank, 2), sync_bn=cuda)
+    finally:
+        dist.destroy_process_group()
+    torch.save(found, f"{folder}/ema{rank}.pt")
+
+
+def test_the_ema_s_batchnorm_pass_is_shared_out_and_gives_one_process_s_statistics(tmp_path):
+    """130 images in 7 batches (the last of 10): rank 0 takes 3 batches, rank 1 the other 4, and the combined
+    statistics are those one process computes over all 7 (update_bn's average of the batches' own)."""
+    mp.spawn(ema_rank_main, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"ema{rank}.pt") for rank in range(2)]
+    one, seen = ema_statistics(130, Context(CPU))
+    assert seen == [20] * 6 + [10]
+    assert [r[1] for r in ranks] == [[20] * 3, [20] * 3 + [10]]  # each rank its share, once
+    for buffers, _ in ranks:
+        assert_close(buffers, one, atol=1e-5)
+        assert all(torch.equal(buffers[k], one[k]) for k in one if k.endswith("num_batches_tracked"))
+    assert one["stem.1.num_batches_tracked"] == 7
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU (SyncBatchNorm)")
+def test_with_sync_bn_each_rank_takes_its_slice_of_every_batch_and_the_statistics_are_one_process_s(tmp_path,
+                                                                                                      monkeypatch):
+    for module in [torch.backends.cudnn, torch.backends.cuda.matmul]:  # true fp32, as in the ranks
+        monkeypatch.setattr(module, "allow_tf32", False)
+    mp.spawn(ema_rank_main, args=(str(tmp_path / "store"), str(tmp_path), True), nprocs=2)
+    ranks = [torch.load(tmp_path / f"ema{rank}.pt") for rank in range(2)]
+    one, _ = ema_statistics(130, Context(torch.device("cuda", 0)))
+    assert [r[1] for r in ranks] == [[10] * 6 + [5]] * 2  # half of every batch each
+    for buffers, _ in ranks:
+        assert_close(buffers, one, atol=1e-5)
+
+
+def test_differences_name_the_parts_and_files_two_fingerprints_differ_in():
+    a = {"params": "p", "device": "cpu", "data": {"data/stats.json": "s", "data/b": "b"},
+         "code": {"cifar/fit.py": "f"}}
+    b = {**a, "params": "q", "data": {"data/stats.json": "t", "data/b": "b"},
+         "code": {"cifar/fit.py": "f", "new.py": "n"}}
+    assert differences(a, b) == ["data/stats.json", "new.py", "params"]
+    assert differences(a, dict(a)) == []
+
+
 def spawn_two_ranks(folder, cuda):
     mp.spawn(rank_main, args=(str(folder / "store"), str(folder / "out.pt"), cuda), nprocs=2)
     return torch.load(folder / "out.pt")
@@ -146,9 +213,6 @@ def test_one_step_on_two_processes_with_half_the_batch_each_equals_one_process_w
     torch.manual_seed(0)
     initial = FrozenStatisticsResNet([1, 1, 1, 1], [8, 16, 32, 64]).state_dict()
     assert all((weights[k] - initial[k]).abs().max() > 1e-4 for k in grads), "a parameter the step left alone"
-
-
-GPUS = torch.cuda.device_count()
 
 
 @pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs (NCCL, SyncBatchNorm); this machine has {GPUS}")
@@ -231,14 +295,23 @@ def test_sync_bn_on_the_cpu_is_one_line_before_any_rank_starts(two_process_repo)
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: train.sync_bn = True"), lines
 
 
-def test_an_error_on_the_ranks_stops_them_all_and_ends_in_one_line(two_process_repo):
-    batch = two_process_repo / "data/cifar-10-batches-py/data_batch_3"
-    batch.unlink()  # DVC may have linked it to its cache
-    batch.write_bytes(b"not a pickle")
+@pytest.mark.parametrize("change, line", [
+    ("stats", 'error: data/stats.json: not the stats stage\'s {"mean": [3 numbers], "std": [3 numbers > 0]}; rerun it '
+              "(dvc repro --force stats)"),
+    ("validation", "error: train.validation_images = 600 holds out 60 images of class 0, which has only 60 training "
+                   "images; hold out fewer"),
+])
+def test_bad_input_that_a_rank_would_meet_is_one_line_before_any_rank_starts(two_process_repo, change, line):
+    """What a rank reads besides the params (the statistics, the held-out images) is checked by the launcher:
+    no rank starts, and torchrun neither prints nor restarts anything."""
+    if change == "stats":
+        stats = two_process_repo / "data/stats.json"
+        stats.unlink()  # DVC may have linked it to its cache
+        stats.write_text('{"mean": [0.5, 0.5, 0.5], "std": [0.25, 0, 0.25]}')
+    else:
+        set_params(two_process_repo, train__validation_images=600)
     code, lines = stage_error(two_process_repo)
-    assert code == 1 and "Traceback" not in "\n".join(lines), lines
-    assert lines[-1].startswith("error: training on 2 processes failed: rank "), lines
-    assert any(line.startswith("error: data/cifar-10-batches-py/data_batch_3: not a CIFAR-10 batch") for line in lines)
+    assert code == 1 and lines == [line]
     assert not (two_process_repo / "models/model.pt").exists()
 
 
@@ -253,7 +326,7 @@ def node_rank_main(rank, port, folder):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     node = 1 - rank
-    context = setup(CPU, node)
+    context = setup(CPU, node, {"code": {"cifar/fit.py": "1"}})
     try:
         torch.manual_seed(rank)  # different weights on each rank: the checkpoint must bring the main rank's
         trainer = make_trainer(ResNet([1, 1, 1, 1], [8, 16, 32, 64]), TRAIN, context, False, 500)

@@ -1,7 +1,8 @@
 """The documentation (README.md and docs/*.md) against the repository it describes: every relative link and
 image resolves to a file or folder (and every #fragment into a page to one of its headings), every
 `python -m X` names a module that exists, every params key it names in code (`section.key` in code spans and
-code blocks, or set by `-S`) is a key of params.yaml, and README.md stays at most 12 KB."""
+code blocks, or set by `-S`) is a key of params.yaml, every `dvc exp run` that sets a `system` key forces
+its rerun, and README.md stays at most 12 KB."""
 import importlib.util
 import re
 import sys
@@ -25,6 +26,8 @@ MODULE = re.compile(r"\bpython3?\s+-m\s+([A-Za-z_][\w.]*)")
 # (model.eval()); keys are lowercase snake_case, so class names (data.DataParams) are not keys either
 KEY = re.compile(r"(?<![\w./-])(" + "|".join(SECTIONS) + r")\.([a-z_][a-z0-9_]*)(?![\w(])")
 SETTING = re.compile(r"-S\s+['\"]?([\w.]+)=")
+EXP_RUN = re.compile(r"\bdvc\s+exp\s+run\b[^\n#&;|]*")  # one command: up to a comment or the next command
+FORCE = re.compile(r"(?<!\S)(-f|--force)(?!\S)")
 FILE_EXTENSIONS = {"py", "pt", "onnx", "yaml", "yml", "json", "md", "png", "tsv", "lock", "txt", "gz", "html",
                    "csv", "log", "tgz", "sh"}
 
@@ -142,6 +145,20 @@ def test_every_params_key_named_exists(page):
     assert not unknown, f"{name(page)}: not a key of params.yaml: {', '.join(sorted(unknown))}"
 
 
+def unforced_system_runs(text):
+    """The `dvc exp run` commands in a page's code that set a `system` key without --force: no stage depends
+    on `system`, so DVC reruns nothing, and the experiment carries the previous run's results (its time too)."""
+    _, code = split_code(text)
+    return [command.strip() for snippet in code for command in EXP_RUN.findall(snippet)
+            if any(key.startswith("system.") for key in SETTING.findall(command)) and not FORCE.search(command)]
+
+
+@pytest.mark.parametrize("page", DOCS, ids=name)
+def test_every_exp_run_that_sets_a_system_key_forces_the_rerun(page):
+    unforced = unforced_system_runs(page.read_text())
+    assert not unforced, f"{name(page)}: reruns nothing without --force: {'; '.join(unforced)}"
+
+
 def test_the_checks_find_what_they_look_for():
     """The extraction itself, so a check that finds nothing cannot pass by accident."""
     text = ("See [a](docs/a.md#x) and ![b](figures/b.png \"t\"), not `[c](d)`. `model.blocks` and "
@@ -150,6 +167,10 @@ def test_the_checks_find_what_they_look_for():
     assert links(text) == ["docs/a.md#x", "figures/b.png"]
     assert named_keys(text) == {"model.blocks", "model.widths", "train.epochs"}
     assert MODULE.findall(text) == ["tools.sweep"]
+    assert unforced_system_runs("`dvc exp run -S system.compile=true` and `dvc exp run -f -S system.compile=true`\n"
+                                "```\ndvc exp run -S train.seed=1 && dvc exp run -S system.device=cpu  # --force\n"
+                                "dvc exp run --force --downstream train -S 'system.compile=true'\n```\n") == [
+        "dvc exp run -S system.compile=true", "dvc exp run -S system.device=cpu"]
     assert slug("The comparison report: `python -m tools.compare`") == "the-comparison-report-python--m-toolscompare"
     assert slug("A quick run") == "a-quick-run"
 

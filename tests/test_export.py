@@ -16,7 +16,8 @@ from dvcrepo import REPO, read_json
 from cifar import export
 from cifar.augment import Normalizer
 from cifar.data import load_split
-from cifar.model import load_model
+from cifar.model import ResNet, load_model
+from cifar.workspace import UserError
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())["export"]
 
@@ -75,3 +76,50 @@ def test_an_export_that_disagrees_with_pytorch_fails_and_leaves_nothing(workdir,
     assert ran.code == 0 and "top-1 agreement 1.0000" in ran.out, ran.output
     assert (workdir / "models/model.onnx").is_file() and (workdir / "metrics/export/metrics.json").is_file()
 
+
+def test_an_export_whose_top_1_classes_disagree_fails_on_agreement_alone(workdir, stage, monkeypatch):
+    """Logits within any tolerance (export.max_logit_diff huge) but every class one off: below export.min_agreement
+    the stage fails and writes nothing."""
+    monkeypatch.setattr(export.Normalized, "forward",
+                        lambda self, images: self.model(images * self.scale + self.shift).roll(1, dims=1))
+    (workdir / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load((workdir / "params.yaml").read_text()),
+                                                         "export": {**PARAMS, "max_logit_diff": 1e9}}))
+    ran = stage(workdir, "export")
+    assert ran.code == 1 and ran.err.count("\n") == 1, ran.output
+    assert "top-1 agreement 0.0000 (export.min_agreement = 0.999); nothing written" in ran.err, ran.err
+    assert sorted(p.name for p in (workdir / "models").iterdir()) == ["model.pt"]
+    assert not (workdir / "metrics/export/metrics.json").exists()
+
+
+def test_an_opset_the_exporter_cannot_write_is_a_one_line_error_before_any_work(workdir, stage, monkeypatch):
+    """torch.onnx converts its opset-18 graph with onnx's version converter: past the installed onnx's newest
+    opset the conversion failed (a traceback), and the stage wrote an opset-18 file all the same."""
+    newest = onnx.defs.onnx_opset_version()
+    monkeypatch.setattr(export, "to_onnx", lambda *args: pytest.fail("the export started"))
+    before = {path: (workdir / path).read_bytes() for path in ["models/model.onnx", "metrics/export/metrics.json"]}
+    for opset in [newest + 1, 99]:
+        (workdir / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load((workdir / "params.yaml").read_text()),
+                                                             "export": {**PARAMS, "opset": opset}}))
+        ran = stage(workdir, "export")
+        assert ran.code == 1 and ran.out == "" and ran.err == (
+            f"error: params.yaml: export.opset = {opset} must be an opset the installed exporter writes: 18 to "
+            f"{newest}\n"), ran.output
+    assert {path: (workdir / path).read_bytes() for path in before} == before  # untouched
+
+
+def test_the_newest_opset_in_the_range_is_written(workdir, stage):
+    newest = onnx.defs.onnx_opset_version()
+    (workdir / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load((workdir / "params.yaml").read_text()),
+                                                         "export": {**PARAMS, "opset": newest}}))
+    ran = stage(workdir, "export")
+    assert ran.code == 0 and f"(opset {newest})" in ran.out, ran.output
+    proto = onnx.load(workdir / "models/model.onnx")
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [newest]
+    assert read_json(workdir, "metrics/export/metrics.json")["opset"] == newest
+
+
+def test_an_opset_the_conversion_falls_back_from_is_an_error(tmp_path):
+    """to_onnx itself: the exporter's silent fallback to its own opset-18 graph (a logged traceback) is caught."""
+    checkpoint = {"stats": {"mean": [0.5] * 3, "std": [0.25] * 3}, "classes": CLASSES}
+    with pytest.raises(UserError, match=r"^export.opset = 99: torch.onnx.export wrote opset 18 instead$"):
+        export.to_onnx(ResNet([1, 1], [8, 16]).eval(), checkpoint, 99, tmp_path / "model.onnx")

@@ -1,7 +1,9 @@
 """Faults at any scale, on 2 gloo processes on the CPU: a rank killed mid-epoch is restarted by torchrun
 (system.max_restarts) and the run resumes from the last finished epoch to the uninterrupted result, bit for
-bit; bad input is not retried; two nodes meet on 127.0.0.1, each with its own checkout (no shared file
-system), and a stopped 2-node run resumes on both from the checkpoint node 0's rank 0 holds."""
+bit; bad input stops the run before any rank starts; ranks end with their killed launcher; two nodes meet on
+127.0.0.1, each with its own checkout (no shared file system), nodes that differ stop before any step, and a
+stopped 2-node run resumes on both from the checkpoint node 0's rank 0 holds."""
+import json
 import os
 import signal
 import socket
@@ -14,6 +16,7 @@ import pytest
 from dvcrepo import (
     CHECKPOINT,
     copy_repo,
+    dvc,
     finished_epochs,
     set_params,
     start,
@@ -95,9 +98,9 @@ def test_a_rank_killed_mid_epoch_is_restarted_and_the_run_resumes_bit_for_bit(da
     assert not (repo / CHECKPOINT).exists()
 
 
-def test_bad_input_on_the_ranks_is_not_retried(data_repo, tmp_path):
-    """A bad batch file is a UserError in every rank: they exit with BAD_INPUT_EXIT, and torchrun does not
-    restart them though system.max_restarts allows 3 restarts."""
+def test_bad_input_stops_the_run_in_one_line_before_any_rank_starts(data_repo, tmp_path):
+    """A bad batch file: the launcher reads every batch before it starts torchrun, so the run ends at once,
+    in one line, though system.max_restarts allows 3 restarts (a rank that found it would be restarted)."""
     repo = copy_repo(data_repo.repo, tmp_path / "repo")
     set_params(repo, train__nproc=2, system__max_restarts=3)
     batch = repo / "data/cifar-10-batches-py/data_batch_3"
@@ -105,10 +108,42 @@ def test_bad_input_on_the_ranks_is_not_retried(data_repo, tmp_path):
     batch.write_bytes(b"not a pickle")
     code, output = finish(start(repo, sys.executable, "-m", "stages.train"))
     lines = output.strip().splitlines()
-    assert code == 1 and "Traceback" not in output, output
-    assert lines[-1].startswith("error: training on 2 processes failed: rank ") and "stopped on bad input" in lines[-1]
-    assert "not restarted" in lines[-1] and "torchrun restarted" not in output
-    assert 1 <= output.count("not a CIFAR-10 batch") <= 2, output  # each rank at most once: no second attempt
+    assert code == 1 and len(lines) == 1, output
+    assert lines[0].startswith("error: data/cifar-10-batches-py/data_batch_3: not a CIFAR-10 batch"), output
+
+
+def alive(process):
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE  # a zombie has ended: only its exit status is left
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_ranks_end_within_seconds_when_their_launcher_is_killed_and_the_next_repro_resumes(data_repo, two_processes,
+                                                                                           tmp_path):
+    """SIGKILL of the launcher alone (torchrun starts each rank in a session of its own): its ranks end too,
+    at once, not after training on (a tiny epoch takes seconds: the checkpoint must still hold the epoch of
+    the kill), and `dvc repro` resumes from the checkpoint to the uninterrupted result."""
+    repo = copy_repo(data_repo.repo, tmp_path / "repo")
+    set_params(repo, train__nproc=2)
+    launcher = start(repo, sys.executable, "-m", "stages.train")
+    epoch = wait_for_epoch(repo, launcher)
+    ranks = [rank_process(launcher, rank) for rank in range(2)]
+    os.kill(launcher.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    try:
+        while any(alive(rank) for rank in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(rank) for rank in ranks), "a rank outlived its launcher by 10 s"
+    finally:
+        for rank in ranks:
+            if alive(rank):
+                rank.kill()
+        launcher.communicate(timeout=TIMEOUT)
+    assert finished_epochs(repo) == epoch < EPOCHS and not (repo / "models/model.pt").exists()
+    output = dvc(repo, "repro", "train")
+    assert f"resuming from models/checkpoint.pt after epoch {epoch}/{EPOCHS}" in output, output
+    assert training_results(repo) == two_processes
 
 
 def free_port():
@@ -183,3 +218,24 @@ def test_a_rank_killed_on_node_1_restarts_both_nodes_and_the_run_resumes_bit_for
     assert "torchrun restarted the ranks after a failure" in ran[0][1], ran[0][1]
     assert "resuming from models/checkpoint.pt after epoch " in ran[0][1], ran[0][1]
     assert training_results(nodes[0]) == two_processes
+
+
+def test_nodes_that_differ_stop_before_any_step_in_one_line_naming_the_node_and_what_differs(data_repo, tmp_path):
+    """Node 1's data/stats.json edited (a stale or other copy of the data): the ranks compare their fingerprints
+    when the group forms, and both nodes end with the same line, at once, though restarts are allowed."""
+    nodes = two_node_repos(data_repo, tmp_path)
+    for repo in nodes:
+        set_params(repo, system__max_restarts=3)
+    stats = nodes[1] / "data/stats.json"
+    edited = json.loads(stats.read_text())
+    edited["mean"][0] += 0.01
+    stats.unlink()  # DVC may have linked it to its cache
+    stats.write_text(json.dumps(edited))
+    ran = [finish(process) for process in start_nodes(nodes)]
+    line = ("error: node 1 differs from node 0 in data/stats.json: every node needs the same checkout, params "
+            "and data (docs/distributed.md)")
+    for code, output in ran:
+        assert code != 0 and output.splitlines().count(line) == 1, output
+        assert "torchrun restarted" not in output and "epoch 1/" not in output, output
+    assert ran[1][0] == 1 and ran[1][1].strip().splitlines()[-1] == line  # node 1's own stage: its last line
+    assert not (nodes[0] / CHECKPOINT).exists() and not (nodes[0] / "models/model.pt").exists()

@@ -1,21 +1,25 @@
 """End to end: the real dvc.yaml run by DVC itself in a temporary git repository, on the synthetic archive
 served from 127.0.0.1, with a tiny model (conftest's data_repo and trained_repo, built once per test run).
 Tests that change a repository change their own copy."""
+import json
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 import torch
 from conftest import TEST_IMAGES, synthetic_batches
-from dvcrepo import copy_repo, dvc, read_json, run, set_params, stages_run
+from dvcrepo import copy_repo, dvc, env, read_json, run, set_params, stages_run
 from recipes import recipe
 
 from cifar import training
 from cifar.data import channel_stats, hold_out, load_split
-from cifar.fit import estimate
+from cifar.fit import estimate, run_metrics
 from cifar.model import ResNet, count_parameters
 from cifar.resume import Progress
 from cifar.workspace import UserError
+from tools.compare import COLUMNS
 
 OUTPUTS = ["data/cifar-10-batches-py/data_batch_5", "data/stats.json", "models/model.pt", "models/summary.txt",
            "metrics/train/metrics.json", "metrics/train/run.json", "metrics/train/plots/metrics/train/loss.tsv",
@@ -72,6 +76,32 @@ def test_stats_are_the_synthetic_training_sets_channel_statistics(trained_repo, 
     # and those are the statistics of the batches conftest wrote, not of whatever the stage happened to read
     data = [batch["data"] for name, batch in synthetic_batches().items() if name.startswith("data_batch")]
     assert images.reshape(600, -1).tolist() == [row for batch in data for row in batch.tolist()]
+
+
+def numbers(values, prefix=""):
+    """The numeric leaves of a metrics file's nested values, as dvc metrics show names its columns: a.b."""
+    found = set()
+    for key, value in values.items():
+        if isinstance(value, dict):
+            found |= numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.add(prefix + key)
+    return found
+
+
+def test_the_metrics_table_holds_at_most_14_numbers_and_what_compare_reads(trained_repo):
+    """dvc metrics show (and dvc exp show) compare variants: at most 14 numeric columns (21 when the export
+    check's numbers, tolerances and settings stood there too). tools.compare finds its metrics there; the export
+    check's file stays readable, named."""
+    repo = trained_repo.repo
+    shown = json.loads(dvc(repo, "metrics", "show", "--json"))[""]["data"]
+    columns = {(path, key) for path, found in shown.items() for key in numbers(found["data"])}
+    assert len(columns) <= 14, sorted(columns)
+    assert {("metrics/evaluate/metrics.json", "accuracy"), ("metrics/train/run.json", "params"),
+            ("metrics/train/run.json", "images_per_s"), ("metrics/train/metrics.json", "best_test_acc")} <= columns
+    assert {file for file, _ in COLUMNS.values() if file != "params.yaml"} <= set(shown)
+    export = json.loads(dvc(repo, "metrics", "show", "metrics/export/metrics.json", "--json"))[""]["data"]
+    assert export["metrics/export/metrics.json"]["data"]["agreement"] == 1.0
 
 
 def test_a_second_repro_runs_nothing(trained_repo):
@@ -156,3 +186,22 @@ def test_the_held_out_images_are_stratified_fixed_and_too_many_is_an_error():
     with pytest.raises(UserError, match=r"train.validation_images = 60 holds out 6 images of class 0, which has "
                                         r"only 6 training images"):
         hold_out(labels, 60, 10)
+
+
+def test_a_narrow_model_trains_on_an_odd_batch(data_repo, tmp_path):
+    """model.widths [8, 16, 32, 64] with an odd train.batch_size killed the train stage without a word (SIGSEGV
+    in oneDNN's weight gradient of a strided 1x1 convolution, docs/troubleshooting.md): as its own process, with
+    2 threads (the crash needs 2 or more), it trains."""
+    repo = copy_repo(data_repo.repo, tmp_path / "repo")
+    set_params(repo, train__batch_size=59, train__epochs=1, train__precision="fp32")
+    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=repo, env={**env(), "OMP_NUM_THREADS": "2"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "saved models/model.pt" in result.stdout and (repo / "models/model.pt").is_file()
+
+
+def test_images_per_second_count_the_training_time_alone():
+    """Scoring, checkpoints and start-up are in the wall time, not in the speed: 2 epochs of 1,000 images in 40 s
+    of training (100 s in all) is 50 images/s."""
+    progress = Progress(3, finished=2, train_seconds=40.0, wall_seconds=100.0)
+    assert run_metrics(progress, 79_186, 1000) == {"params": 79_186, "wall_time_s": 100.0, "images_per_s": 50.0}

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_IMAGES, synthetic_batches
+from conftest import CLASSES, TEST_IMAGES, synthetic_batches
 from dvcrepo import env, read_json
-from PIL import Image
+from PIL import ExifTags, Image
 
-from cifar.predict import read_image
+from cifar.predict import classify, read_image
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,38 @@ def test_each_problem_is_a_one_line_error(trained_repo, pictures, stage, tmp_pat
     ran = predict(stage, repo, str(arg.get(case, folder / "000.png")), *model)
     assert ran.code == 1 and ran.out == "", ran.out
     assert ran.err.count("\n") == 1 and ran.err.startswith("error: " + message.format(folder=tmp_path)), ran.err
+
+
+def test_top_beyond_the_number_of_classes_lists_every_class(trained_repo, pictures, stage):
+    folder, _ = pictures
+    ran = predict(stage, trained_repo.repo, str(folder / "000.png"), "--json", "--top", "25")
+    assert ran.code == 0 and ran.err == "", ran.output
+    (record,) = records(ran)
+    assert sorted(t["class"] for t in record["top"]) == sorted(CLASSES)
+    assert sum(t["probability"] for t in record["top"]) == pytest.approx(1, abs=1e-4)
+
+
+class WhereRed:
+    """A model for classify: the class is the side of the image (top, bottom, left, right) that is reddest."""
+    classes = ["top", "bottom", "left", "right"]
+
+    def logits(self, images):
+        red = images[:, 0].float() - images[:, 2].float()
+        return torch.stack([red[:, :16].mean((1, 2)), red[:, 16:].mean((1, 2)), red[:, :, :16].mean((1, 2)),
+                            red[:, :, 16:].mean((1, 2))], 1)
+
+
+def test_a_phone_photo_is_classified_as_it_is_shown_not_as_it_is_stored(tmp_path):
+    """A camera held upright stores its pixels sideways and an EXIF Orientation tag (6: show them turned 90
+    degrees clockwise). What the user sees, red on the left, is stored red at the bottom."""
+    shown = np.zeros((64, 64, 3), dtype=np.uint8)
+    shown[:, :, 2] = 255
+    shown[:, :32] = [255, 0, 0]
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)  # counter-clockwise: red at the bottom
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    stored.save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    (path, top), = classify([tmp_path / "phone.jpg"], WhereRed(), 1, on_error=pytest.fail)
+    assert path == tmp_path / "phone.jpg" and top[0][0] == "left"
+    stored.save(tmp_path / "untagged.jpg", quality=95)  # the same pixels without the tag: as stored
+    assert next(classify([tmp_path / "untagged.jpg"], WhereRed(), 1, on_error=pytest.fail))[1][0][0] == "bottom"

@@ -10,9 +10,10 @@ import time
 import optuna
 import psutil
 import pytest
+import sqlalchemy
 import yaml
 from dvc.api import DVCFileSystem
-from dvcrepo import copy_repo, dvc, experiment_refs, run, start
+from dvcrepo import copy_repo, dvc, experiment_refs, read_json, run, set_params, start
 
 from tools.search import NOT_SEARCHED
 from tools.sweep import format_value
@@ -104,7 +105,7 @@ def trials_so_far(repo, name):
         return []
     try:
         return load(repo, name).trials
-    except KeyError:
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # not made yet, or its tables being made now
         return []
 
 
@@ -168,6 +169,8 @@ def test_a_tiny_search_prunes_refuses_and_resumes_after_a_kill_with_exactly_the_
     # the killed trial failed once its heartbeat was stale, and ran again with the same params
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == killed.number)
     assert killed.state.name == "FAIL" and retry.params == killed.params, states
+    # no checkpoint is left behind: the pruned trials' are deleted, the killed one's its retry used up
+    assert not list((repo / ".dvc/tmp/checkpoints").glob("*")), list((repo / ".dvc/tmp/checkpoints").glob("*"))
     assert retry.number in [t.number for t in counted], states
 
     # every finished trial is one DVC experiment named for it, with exactly its params and its value
@@ -181,7 +184,7 @@ def test_a_tiny_search_prunes_refuses_and_resumes_after_a_kill_with_exactly_the_
         assert params["train"]["validation_images"] == 100
         metrics = json.loads(DVCFileSystem(str(repo), rev=refs[f"tiny-t{t.number}"]).read_text(
             "metrics/train/metrics.json"))
-        assert metrics["validation"]["acc"] == t.value and metrics["step"] == 3
+        assert metrics["validation"]["acc_with_tta"] == t.value and metrics["step"] == 3
         assert "test" not in metrics  # the search never read the test set
     # a line per trial, a table and Optuna's figures
     for line in [f"trial {finished.number} tiny-t{finished.number}: validation accuracy",
@@ -223,3 +226,38 @@ def test_a_study_continues_only_with_the_space_params_and_code_that_started_it(f
     monkeypatch.setattr(tools.search, "train_code", lambda: "edited")
     ran = stage(folder, "tools.search", str(path), "-S", SPLIT, "--report-only")
     assert ran.code == 1 and "another train stage's code" in ran.err, ran.err
+
+
+def test_the_final_validation_accuracy_is_also_scored_once_with_evaluate_tta(data_repo, tmp_path, stage, monkeypatch):
+    """The search's objective: the train stage scores its final model on the held-out images once more, with
+    evaluate.tta; the per-epoch curves stay without it."""
+    from cifar import fit
+
+    repo = copy_repo(data_repo.repo, tmp_path / "repo")
+    calls, score = [], fit.score
+    monkeypatch.setattr(fit, "score", lambda model, images, labels, *rest: calls.append((len(labels), rest[-1]))
+                        or score(model, images, labels, *rest))
+    for tta in ["flip", "none"]:
+        set_params(repo, train__validation_images=100, evaluate__tta=tta)
+        calls.clear()
+        ran = stage(repo, "train")
+        assert ran.code == 0 and calls == [(100, tta)], (ran.output, calls)  # once, on the held-out images
+        validation = read_json(repo, "metrics/train/metrics.json")["validation"]
+        assert 0 < validation["acc_with_tta"] <= 1
+        assert not list((repo / "metrics/train/plots").rglob("acc_with_tta*"))  # no curve of it
+    assert validation["acc_with_tta"] == validation["acc"]  # without TTA: the last epoch's own score
+
+
+def test_the_shipped_space_is_valid_and_starts_from_the_study_s_recipe(monkeypatch):
+    from dvcrepo import REPO
+
+    from cifar.params import load_yaml
+    from tools.search import base_params, parse_space, refusal
+
+    monkeypatch.chdir(REPO)
+    base = base_params()
+    space = parse_space(load_yaml("search.yaml"), base, "search.yaml")
+    (first,) = space.first
+    assert set(first) == set(space.keys)  # the baseline trial sets every searched key
+    assert all(first[key] == base[key.split(".")[0]][key.split(".")[1]] for key in first)  # params.yaml's values
+    assert refusal(base, first) is None

@@ -10,7 +10,7 @@ import json
 import re
 import sys
 
-from cifar.devices import DEVICE_ALLOWED, DEVICE_PATTERN, System, choose_device
+from cifar.devices import DEVICE_ALLOWED, DEVICE_PATTERN, System, inference_device
 from cifar.params import PARAMS_FILE, check_section, read_params
 from cifar.predict import classify, find_images
 from cifar.runtime import open_model
@@ -39,7 +39,7 @@ def main(argv):
     if args.top < 1:
         raise UserError(f"--top {args.top}: must be an integer >= 1")
     files = find_images(args.paths)
-    device, claim = choose_device(device_setting(args.device))
+    device = inference_device(device_setting(args.device))  # never waits behind a training's claim
     model = open_model(args.model, device)
     failed = []
 
@@ -52,8 +52,6 @@ def main(argv):
             print(json.dumps({"image": str(path), "top": [{"class": c, "probability": round(p, 6)} for c, p in top]}))
         else:
             print(f"{path}\n" + "".join(f"  {c:<12}{p:7.2%}\n" for c, p in top), end="", flush=True)
-    if claim:
-        claim.release()
     if len(failed) > 1:
         raise UserError(f"{len(failed)} of {len(files)} images could not be read")
     if failed:  # its one line is out already

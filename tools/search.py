@@ -3,8 +3,9 @@
 Every trial is a DVC experiment: `dvc exp run --temp -n STUDY-tK -S ... train`, in a copy of the workspace, so
 that several trials run at once and the workspace stays free. A trial trains and is scored on the held-out
 validation images (train.validation_images > 0): the search never reads the test set, and the objective is
-the final validation accuracy. The train stage reports every epoch's validation accuracy to the study, and
-Optuna's MedianPruner stops a trial that is behind (it fails, so DVC keeps no experiment of it). A proposal
+the final validation accuracy with evaluate.tta's test-time augmentation. The train stage reports every epoch's
+validation accuracy (without TTA) to the study, and Optuna's MedianPruner stops a trial that is behind (it
+fails, so DVC keeps no experiment of it). A proposal
 over model.max_params, or one the params' schemas refuse, is refused before training.
 
 The study lives in a storage that outlives the process (default: SQLite in .optuna/, git-ignored; for several
@@ -19,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sqlalchemy
 import torch
 
 from cifar.augment import EvaluateParams
@@ -51,9 +54,11 @@ NOT_SEARCHED = {  # keys of those sections a space may not vary, and why
     "train.nproc": "a search trial trains on one process (the search runs trials side by side instead)",
     "train.nnodes": "a search trial trains on one process (the search runs trials side by side instead)",
 }
-OBJECTIVE = "validation.acc"  # metrics/train/metrics.json: the final model's accuracy on the held-out images
+# metrics/train/metrics.json: the final model's accuracy on the held-out images, with evaluate.tta
+OBJECTIVE = ("validation", "acc_with_tta")
 WHAT = {"space": "space", "base": "params.yaml or -S settings", "code": "train stage's code"}
-MAX_REFUSED_PER_TRIAL = 10  # refusals cost nothing, but a space mostly over budget would propose forever
+MAX_REFUSED_PER_TRIAL = 10
+SCHEMA_ATTEMPTS = 5  # refusals cost nothing, but a space mostly over budget would propose forever
 
 
 class Refused(Exception):
@@ -284,15 +289,20 @@ def open_storage(url, heartbeat):
         engine = {"connect_args": {"timeout": 60}}  # several workers: wait for SQLite's lock rather than fail
     else:
         engine = {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-        except Exception as e:  # the driver's or SQLAlchemy's: a bad URL, no server, a refused login
-            raise UserError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: "
-                            f"{' '.join(str(e).split())[:300]})")
+    for attempt in range(SCHEMA_ATTEMPTS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+            except sqlalchemy.exc.IntegrityError:  # workers that start together on a new storage both create its
+                if attempt == SCHEMA_ATTEMPTS - 1:  # tables; the one that lost finds them made when it tries again
+                    raise
+                time.sleep(0.5 + random.random())
+            except Exception as e:  # the driver's or SQLAlchemy's: a bad URL, no server, a refused login
+                raise UserError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:300]})")
 
 
 def train_code():
@@ -437,7 +447,7 @@ def counted(trial):
 
 
 def objective(search):
-    """One trial: its values, refused or run as a DVC experiment; the final validation accuracy."""
+    """One trial: its values, refused or run as a DVC experiment; the final validation accuracy with TTA."""
     import optuna
 
     def run_trial(trial):
@@ -468,7 +478,7 @@ def objective(search):
             raise UserError(f"trial {trial.number} ({name}) failed: {last_error(log)} (its log: {log})")
         metrics = read_result(search, name)
         trial.set_user_attr("epochs", metrics["step"])
-        return metrics["validation"]["acc"]
+        return metrics[OBJECTIVE[0]][OBJECTIVE[1]]
     return run_trial
 
 
@@ -567,7 +577,7 @@ def write_report(search):
     summary = (f"# Search '{search.name}'\n\n{done(found)} of {search.trials} trials done: "
                f"{found.get('complete', 0)} finished, {found.get('pruned', 0)} pruned; besides them "
                f"{found.get('refused', 0)} refused before training, {found.get('fail', 0)} failed or stopped. "
-               f"Objective: the final validation accuracy. {effort(search)}\n\n")
+               f"Objective: the final validation accuracy, with evaluate.tta. {effort(search)}\n\n")
     if found.get("complete"):
         best = search.study.best_trial
         summary += (f"Best: trial {best.number} ({best.user_attrs['experiment']}), {best.value:.4f}: "
