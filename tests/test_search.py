@@ -261,3 +261,18 @@ def test_the_shipped_space_is_valid_and_starts_from_the_study_s_recipe(monkeypat
     assert set(first) == set(space.keys)  # the baseline trial sets every searched key
     assert all(first[key] == base[key.split(".")[0]][key.split(".")[1]] for key in first)  # params.yaml's values
     assert refusal(base, first) is None
+
+
+def test_ctrl_c_stops_the_search_and_its_trial_in_one_line_and_writes_the_report(data_repo, tmp_path):
+    repo = copy_repo(data_repo.repo, tmp_path / "repo")
+    space_file = write_space(tmp_path / "stop.yaml", {"space": {"train.max_lr": [0.01, 0.02]}})
+    worker = start(repo, *search(repo, space_file))
+    deadline = time.monotonic() + 300
+    while not [t for t in trials_so_far(repo, "stop") if t.intermediate_values]:
+        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()
+        time.sleep(0.2)
+    os.killpg(worker.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the worker and its trial
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 1 and err.strip().splitlines()[-1].startswith("error: search stopped by Ctrl-C"), err
+    assert "Traceback" not in err and not trial_processes(repo)
+    assert (repo / "reports/stop/trials.md").is_file() and not experiment_refs(repo)

@@ -676,11 +676,17 @@ def main(argv=None):
         threads = [threading.Thread(target=work_thread, args=(search, started)) for _ in range(jobs)]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
-        if search.errors:
-            raise search.errors[0]
-    write_report(search)
+        try:
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:  # Ctrl-C reached the trials too: they stop, and the threads start no more
+            search.errors.insert(0, UserError("search stopped by Ctrl-C; rerun the same command to continue it "
+                                              f"(the report of the trials so far is in {search.report_dir})"))
+            for thread in threads:
+                thread.join()
+    write_report(search)  # the trials so far, however the search ended
+    if search.errors:
+        raise search.errors[0]
     print(f"wrote {search.report_dir}/trials.md and its figures")
 
 
