@@ -215,15 +215,15 @@ def settings_of(overrides, base):
     return settings
 
 
-def check_search(base, space_keys):
+def check_search(base):
     """What every trial needs: images held out to score it on, and one process."""
-    recipe = base["train"]
-    if not recipe["validation_images"]:
+    recipe = Recipe.model_construct(**base["train"])  # its values as they are: the trials check them whole
+    if not recipe.validation_images:
         raise UserError("the search is scored on held-out images and never reads the test set: set "
                         "-S train.validation_images=N (N > 0, e.g. 5000 of CIFAR-10's 50,000)")
-    if recipe["nproc"] * recipe["nnodes"] > 1:
-        raise UserError(f"train.nproc * train.nnodes = {recipe['nproc'] * recipe['nnodes']}: a search trial trains "
-                        "on one process; --jobs runs trials side by side instead")
+    if recipe.world_size > 1:
+        raise UserError(f"train.nproc * train.nnodes = {recipe.world_size}: a search trial trains on one process; "
+                        "--jobs runs trials side by side instead")
 
 
 def refusal(base, values):
@@ -660,7 +660,7 @@ def main(argv=None):
     base = base_params()
     settings = settings_of(args.overrides, base)
     space = parse_space(load_yaml(source), base, source)
-    check_search(base, space.keys)
+    check_search(base)
     storage = open_storage(args.storage, args.heartbeat)
     study = open_study(name, storage, space, base, args.seed)
     jobs = args.jobs or default_jobs()
