@@ -3,6 +3,7 @@ line before any trial; a tiny search on the synthetic set finishes one trial, pr
 over budget, and is resumed after its worker is killed in the middle of a trial, running exactly the trials
 asked for. tests/test_search_machines.py runs two workers on a real PostgreSQL."""
 import json
+import multiprocessing
 import os
 import signal
 import time
@@ -15,7 +16,7 @@ import yaml
 from dvc.api import DVCFileSystem
 from dvcrepo import copy_repo, dvc, experiment_refs, read_json, run, set_params, start
 
-from tools.search import NOT_SEARCHED
+from tools.search import NOT_SEARCHED, open_storage
 from tools.sweep import format_value
 
 SPLIT = "train.validation_images=100"  # of the synthetic set's 600 training images
@@ -89,6 +90,26 @@ def test_an_unreachable_storage_is_one_line_without_its_password(folder, stage):
     assert ran.code == 1 and ran.err.count("\n") == 1, ran.output
     assert ran.err.startswith("error: --storage postgresql://searcher:***@127.0.0.1:1/studies: cannot open ("), ran.err
     assert "secret" not in ran.output
+
+
+def open_new_storage(path, barrier):
+    barrier.wait()
+    open_storage(f"sqlite:///{path}", heartbeat=60)
+
+
+def test_processes_that_open_a_new_storage_together_all_open_it(tmp_path):
+    """Workers (or a worker and a reader) that open a new storage at once all create its tables: the losers of
+    that race try again rather than fail with "table ... already exists"."""
+    fork = multiprocessing.get_context("fork")  # tools.search already imported: the processes start at once
+    for attempt in range(8):
+        barrier = fork.Barrier(4)
+        processes = [fork.Process(target=open_new_storage, args=(tmp_path / f"{attempt}.db", barrier))
+                     for _ in range(4)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(120)
+        assert [p.exitcode for p in processes] == [0] * 4, f"attempt {attempt}"
 
 
 def storage_url(repo):

@@ -57,8 +57,8 @@ NOT_SEARCHED = {  # keys of those sections a space may not vary, and why
 # metrics/train/metrics.json: the final model's accuracy on the held-out images, with evaluate.tta
 OBJECTIVE = ("validation", "acc_with_tta")
 WHAT = {"space": "space", "base": "params.yaml or -S settings", "code": "train stage's code"}
-MAX_REFUSED_PER_TRIAL = 10
-SCHEMA_ATTEMPTS = 5  # refusals cost nothing, but a space mostly over budget would propose forever
+MAX_REFUSED_PER_TRIAL = 10  # refusals cost nothing, but a space mostly over budget would propose forever
+SCHEMA_ATTEMPTS = 5  # processes that open a new storage together race to create its tables
 
 
 class Refused(Exception):
@@ -296,13 +296,15 @@ def open_storage(url, heartbeat):
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-            except sqlalchemy.exc.IntegrityError:  # workers that start together on a new storage both create its
-                if attempt == SCHEMA_ATTEMPTS - 1:  # tables; the one that lost finds them made when it tries again
-                    raise
+            except Exception as e:  # the driver's or SQLAlchemy's: a bad URL, no server, a refused login, or
+                # a lost race: processes that open a new storage together (workers, or a worker and a reader) all
+                # create its tables; the losers see "already exists" (SQLite, PostgreSQL's DuplicateTable) or a
+                # unique violation (PostgreSQL's catalog), and find the tables made when they try again.
+                lost_race = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)
+                if not lost_race or attempt == SCHEMA_ATTEMPTS - 1:
+                    raise UserError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())[:300]})")
                 time.sleep(0.5 + random.random())
-            except Exception as e:  # the driver's or SQLAlchemy's: a bad URL, no server, a refused login
-                raise UserError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:300]})")
 
 
 def train_code():
