@@ -56,8 +56,10 @@ def test_the_shipped_params_are_valid_and_are_the_study_recipe():
     assert params["system"] == {"device": "auto", "compile": False, "master_addr": "localhost", "master_port": 29500,
                                  "max_restarts": 3}
     # the fast trainers' tricks are all off: Adam, no smoothing, no EMA, no cutout, random flips, no TTA
-    tricks = {key: params["train"][key] for key in ["optimizer", "label_smoothing", "ema_decay", "cutout", "flip"]}
-    assert tricks == {"optimizer": "adam", "label_smoothing": 0, "ema_decay": 0, "cutout": 0, "flip": "random"}
+    tricks = {key: params["train"][key] for key in ["optimizer", "label_smoothing", "ema_decay", "cutout", "flip",
+                                                     "bn_lr_scale"]}
+    assert tricks == {"optimizer": "adam", "label_smoothing": 0, "ema_decay": 0, "cutout": 0, "flip": "random",
+                      "bn_lr_scale": 1}
     assert params["evaluate"] == {"tta": "none"}
     assert params["export"] == {"opset": 18, "max_logit_diff": 1e-3, "min_agreement": 0.999}
 
@@ -116,6 +118,7 @@ def test_a_stage_checks_only_the_sections_it_reads():
     ("train.ema_decay", 1, "a number >= 0 and < 1"),
     ("train.cutout", 2.5, "integer >= 0"),
     ("train.flip", "never", "must be one of random, alternating"),
+    ("train.bn_lr_scale", 0, "a number > 0"),
     ("evaluate.tta", "crops", "one of none, flip, flip_translate"),
     ("export.opset", 17, "an integer >= 18"),
     ("export.max_logit_diff", -1e-3, "a number >= 0"),

@@ -110,11 +110,12 @@ def test_sigint_mid_epoch_stops_at_once_and_a_checkpoint_of_other_params_is_igno
 # every trick on, with values that make each show in 3 tiny epochs
 ALL_TRICKS = {"train__optimizer": "sgd", "train__max_lr": 0.05, "train__weight_decay": 5e-4,
               "train__label_smoothing": 0.2, "train__flip": "alternating", "train__ema_decay": 0.6,
-              "train__cutout": 8, "evaluate__tta": "flip_translate", "system__device": "cpu"}
+              "train__cutout": 8, "train__bn_lr_scale": 8, "evaluate__tta": "flip_translate", "system__device": "cpu"}
 
 
 def test_a_run_with_every_trick_killed_mid_training_resumes_to_the_uninterrupted_result(data_repo, tmp_path, stage):
-    """SGD's momentum, the EMA and the alternating flips are state: the checkpoint holds them. (The train
+    """SGD's momentum, the EMA, the alternating flips and BatchNorm's own parameter group are state: the
+    checkpoint holds them. (The train
     stage runs in this process but for the killed run, a real process killed with SIGKILL.)"""
     whole = copy_repo(data_repo.repo, tmp_path / "whole")
     set_params(whole, **ALL_TRICKS)
@@ -126,6 +127,7 @@ def test_a_run_with_every_trick_killed_mid_training_resumes_to_the_uninterrupted
     state = torch.load(killed / CHECKPOINT, weights_only=True)
     assert state["ema"]["n_averaged"] > 0 and state["flips"].dtype == torch.bool
     assert "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
+    assert len(state["optimizer"]["param_groups"]) == 2  # BatchNorm's at 8 times the learning rate
     ran = stage(killed, "train")
     assert ran.code == 0 and "resuming from models/checkpoint.pt after epoch" in ran.output
     assert training_results(killed) == training_results(whole)

@@ -278,9 +278,10 @@ def test_the_shipped_space_is_valid_and_starts_from_the_study_s_recipe(monkeypat
     monkeypatch.chdir(REPO)
     base = base_params()
     space = parse_space(load_yaml("search.yaml"), base, "search.yaml")
-    (first,) = space.first
+    first, with_tta = space.first
     assert set(first) == set(space.keys)  # the baseline trial sets every searched key
     assert all(first[key] == base[key.split(".")[0]][key.split(".")[1]] for key in first)  # params.yaml's values
+    assert with_tta == {**first, "evaluate.tta": "flip_translate"}  # then the same training with TTA
     assert refusal(base, first) is None
 
 

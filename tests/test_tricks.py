@@ -83,6 +83,53 @@ def test_sgd_weight_decay_is_l2_on_the_weights():
     assert model.weight.item() == pytest.approx(1.81)
 
 
+
+# BatchNorm's learning rate scaled (airbench's bias_scaler)
+
+def test_batchnorms_parameters_learn_at_bn_lr_scale_times_the_rate_with_the_decay_divided_throughout():
+    model = ResNet([1], [8])
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    # the study's: one group, every parameter, so the default trains as before
+    plain = make_optimizer(model, RECIPE)
+    assert [len(group["params"]) for group in plain.param_groups] == [len(list(model.parameters()))]
+    recipe = changed(RECIPE, optimizer="sgd", weight_decay=5e-4, bn_lr_scale=4.0)
+    optimizer = make_optimizer(model, recipe)
+    others, bn = optimizer.param_groups
+    assert {id(p) for p in bn["params"]} == norms and len(norms) == 2 * 3  # the stem's, the block's two
+    assert not {id(p) for p in others["params"]} & norms
+    assert len(others["params"]) + len(bn["params"]) == len(list(model.parameters()))
+    scheduler = make_scheduler(optimizer, recipe, steps_per_epoch=10)
+    peaks = []
+    for _ in range(recipe.epochs * 10):  # warm-up and annealing alike: the ratio holds at every step
+        assert bn["lr"] == pytest.approx(4 * others["lr"], rel=1e-12)
+        assert bn["lr"] * bn["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"], rel=1e-12)
+        peaks.append(bn["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(peaks) == pytest.approx(4 * recipe.max_lr)
+    assert bn["weight_decay"] == pytest.approx(5e-4 / 4) and others["weight_decay"] == pytest.approx(5e-4)
+
+
+def test_a_scaled_batchnorm_rate_moves_batchnorms_parameters_that_much_further_in_one_step():
+    steps = {}
+    for scale in [1.0, 8.0]:
+        torch.manual_seed(0)
+        model = ResNet([1], [8])
+        recipe = changed(RECIPE, optimizer="sgd", momentum=0.0, nesterov=False, weight_decay=0.0, bn_lr_scale=scale)
+        optimizer = make_optimizer(model, recipe)
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        steps[scale] = {name: (before[i] - p).abs().max().item()
+                        for i, (name, p) in enumerate(model.named_parameters())}
+    norms = {"stem.1.weight", "stem.1.bias", "layers.0.0.bn1.weight", "layers.0.0.bn1.bias", "layers.0.0.bn2.weight",
+             "layers.0.0.bn2.bias"}
+    assert norms < set(steps[1.0])
+    for name, step in steps[1.0].items():
+        assert step > 0 and steps[8.0][name] == pytest.approx(8 * step if name in norms else step, rel=1e-6), name
+
+
 # Label smoothing
 
 def test_the_training_loss_is_label_smoothings_formula():
