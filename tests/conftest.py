@@ -8,6 +8,7 @@ import importlib
 import inspect
 import io
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
@@ -31,6 +32,13 @@ from dvcrepo import (
     training_results,
     wait_for_experiments,
 )
+
+# A suite started in the background by a shell without job control (`python -m pytest &`) inherits SIGINT
+# ignored, and so would every command it starts: the tests that press Ctrl-C (signal a process group with
+# SIGINT, as a terminal does) need it handled, as in a terminal. A handled signal is reset to the default
+# in each command the suite starts, so Python's own Ctrl-C handling returns there too.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # One colour per class, far apart: a tiny network tells them apart in a few epochs, and crops and flips

@@ -162,3 +162,14 @@ def test_runs_of_one_name_in_two_commits_are_two_variants_never_pooled():
     assert "| final@1234abc | 2 |" in table and "| -10.00 ± 1.41 (t = -7.07, df = 2.0, p = 0.019: real) |" in table
     # one commit alone: the names stay as they are
     assert [r["name"] for r in compare.experiments(rows[:3])[0]] == ["final-s0", "final-s1"]
+
+
+def test_the_validation_accuracy_is_scored_with_the_runs_tta_as_the_test_accuracy_is():
+    # tuned-s0 logged both scores (its TTA's and the plain one); final-s0 ran before the TTA score was logged
+    rows = [{**row("tuned-s0", "aaa1111", 0.82), "validation.acc": 0.83, "validation.acc_with_tta": 0.845},
+            {**row("final-s0", "bbb1111", 0.81), "validation.acc": 0.83}]
+    (tuned, final), _ = compare.experiments(rows)
+    assert (tuned["validation_accuracy"], tuned["validation_accuracy_without_tta"]) == (0.845, 0.83)
+    assert (final["validation_accuracy"], final["validation_accuracy_without_tta"]) == (0.83, 0.83)
+    table = compare.variants_table(compare.variant_groups([tuned, final]), "final")
+    assert "| 82.00 % (n = 1) | 84.50 % (n = 1) |" in table and "| 81.00 % (n = 1) | 83.00 % (n = 1) |" in table

@@ -115,8 +115,8 @@ ALL_TRICKS = {"train__optimizer": "sgd", "train__max_lr": 0.05, "train__weight_d
 
 def test_a_run_with_every_trick_killed_mid_training_resumes_to_the_uninterrupted_result(data_repo, tmp_path, stage):
     """SGD's momentum, the EMA, the alternating flips and BatchNorm's own parameter group are state: the
-    checkpoint holds them. (The train
-    stage runs in this process but for the killed run, a real process killed with SIGKILL.)"""
+    checkpoint holds them. (The train stage runs in this process but for the killed run, a real process
+    killed with SIGKILL.)"""
     whole = copy_repo(data_repo.repo, tmp_path / "whole")
     set_params(whole, **ALL_TRICKS)
     assert stage(whole, "train").code == 0

@@ -83,7 +83,6 @@ def test_sgd_weight_decay_is_l2_on_the_weights():
     assert model.weight.item() == pytest.approx(1.81)
 
 
-
 # BatchNorm's learning rate scaled (airbench's bias_scaler)
 
 def test_batchnorms_parameters_learn_at_bn_lr_scale_times_the_rate_with_the_decay_divided_throughout():
