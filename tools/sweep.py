@@ -31,8 +31,8 @@ TRICKS = [
     ("flip-translate-tta", {"evaluate.tta": "flip_translate"}),
 ]
 # The tuned preset: the best recipe tools.search found on validation (docs/experiments.md: two searches of
-# search.yaml's space on the 50k set). No trial trained better than the study's recipe; its training with
-# flip-and-translate TTA scored best, so tuned is exactly that.
+# search.yaml's space on the 50k set). No finished trial trained better than the study's recipe; its training
+# with flip-and-translate TTA scored best, so tuned is exactly that.
 TUNED = {"evaluate.tta": "flip_translate"}
 
 
