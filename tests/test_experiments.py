@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 STUDY = study(REPO / "params.yaml")  # the shipped params.yaml: the study's recipe
 VARIANTS, ABLATION = variants(STUDY), ladder(STUDY)
-TUNED = VARIANTS["tuned"]
 
 
 @pytest.fixture
@@ -254,7 +253,8 @@ def test_the_default_sweep_queues_the_study_s_seven_variants_and_tuned_with_thei
 
 
 def test_tuned_is_the_study_s_recipe_with_the_search_s_tta_and_the_ladder_adds_one_trick_per_rung():
-    assert count_parameters(ResNet(TUNED["model.blocks"], TUNED["model.widths"])) == 4977226
+    tuned = VARIANTS["tuned"]
+    assert count_parameters(ResNet(tuned["model.blocks"], tuned["model.widths"])) == 4977226
     rungs = list(ABLATION.items())
     assert [name for name, _ in rungs] == [
         "ablation-0-study", "ablation-1-sgd-nesterov", "ablation-2-label-smoothing", "ablation-3-alternating-flip",
@@ -270,7 +270,7 @@ def test_tuned_is_the_study_s_recipe_with_the_search_s_tta_and_the_ladder_adds_o
         assert any(before.get(k) != v for k, v in keys.items()), name  # the rung changes something
     # tuned: the search's best trial, the study's recipe with the last rung's flip-and-translate TTA
     # (docs/experiments.md)
-    assert TUNED == VARIANTS["tuned"] == {**study, **dict(TRICKS)["flip-translate-tta"]}
+    assert tuned == {**study, **dict(TRICKS)["flip-translate-tta"]}
 
 
 def test_the_ablation_option_queues_the_ladder_scaled_down(fresh, call):
