@@ -285,7 +285,13 @@ def test_the_shipped_space_is_valid_and_starts_from_the_study_s_recipe(monkeypat
     assert refusal(base, first) is None
 
 
-def test_ctrl_c_stops_the_search_and_its_trial_in_one_line_and_writes_the_report(data_repo, tmp_path):
+@pytest.mark.parametrize("signum, to_group, said", [
+    (signal.SIGINT, True, "Ctrl-C (SIGINT)"),  # a terminal's Ctrl-C: the worker's process group
+    (signal.SIGINT, False, "Ctrl-C (SIGINT)"),  # kill -INT PID: the worker alone, which forwards it
+    (signal.SIGTERM, False, "SIGTERM"),  # a scheduler's stop
+])
+def test_a_stop_ends_the_search_and_its_trial_in_one_line_and_writes_the_report(data_repo, tmp_path, signum,
+                                                                                   to_group, said):
     repo = copy_repo(data_repo.repo, tmp_path / "repo")
     space_file = write_space(tmp_path / "stop.yaml", {"space": {"train.max_lr": [0.01, 0.02]}})
     worker = start(repo, *search(repo, space_file))
@@ -293,8 +299,13 @@ def test_ctrl_c_stops_the_search_and_its_trial_in_one_line_and_writes_the_report
     while not [t for t in trials_so_far(repo, "stop") if t.intermediate_values]:
         assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()
         time.sleep(0.2)
-    os.killpg(worker.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the worker and its trial
+    (os.killpg if to_group else os.kill)(worker.pid, signum)
     out, err = worker.communicate(timeout=120)
-    assert worker.returncode == 1 and err.strip().splitlines()[-1].startswith("error: search stopped by Ctrl-C"), err
+    assert worker.returncode == 1 and err.strip().splitlines()[-1].startswith(f"error: search stopped by {said};"), err
     assert "Traceback" not in err and not trial_processes(repo)
     assert (repo / "reports/stop/trials.md").is_file() and not experiment_refs(repo)
+    # the trial was stopped, not left to train to its end: failed, and its train stage says why
+    [trial] = trials_so_far(repo, "stop")
+    assert trial.state == optuna.trial.TrialState.FAIL, (trial.state, err)
+    log = repo / f"reports/stop/logs/stop-t{trial.number}.log"
+    assert "training stopped by SIGINT" in log.read_text(), log.read_text()

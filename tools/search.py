@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -67,7 +68,8 @@ class Refused(Exception):
 
 
 class NotRun(Exception):
-    """A trial asked for after the study had its N (two workers asked at once): failed without running."""
+    """A trial asked for after the study had its N (two workers asked at once), or after the search was
+    stopped: failed without running."""
 
 
 # The space
@@ -262,6 +264,10 @@ class Search:
     jobs: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     errors: list = field(default_factory=list)  # a thread's error stops every thread of this worker
+    # the running trials' processes, and whether the search was stopped: the worker forwards its stop to them
+    trials_lock: threading.Lock = field(default_factory=threading.Lock)
+    running: set = field(default_factory=set)
+    stopped_by: str = ""
 
     @property
     def name(self):
@@ -470,8 +476,9 @@ def objective(search):
         print(f"trial {trial.number} {name} started: {' '.join(f'{k}={format_value(v)}' for k, v in values.items())}"
               f" (log: {log})", flush=True)
         with open(log, "w") as out:
-            code = subprocess.run(trial_command(search, name, values), env=trial_environment(search, trial.number),
-                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            code = run_process(search, trial, trial_command(search, name, values),
+                               env=trial_environment(search, trial.number), stdout=out, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL)
         if code:
             attrs = search.storage.get_trial_user_attrs(trial_id(search.storage, search.name, trial.number))
             if PRUNED_ATTR in attrs:
@@ -482,6 +489,38 @@ def objective(search):
         trial.set_user_attr("epochs", metrics["step"])
         return metrics[OBJECTIVE[0]][OBJECTIVE[1]]
     return run_trial
+
+
+def run_process(search, trial, args, **kwargs):
+    """Run a trial's command in its own process group, which stop() signals: a signal to the worker alone
+    (kill PID, a scheduler's SIGTERM) stops its trials as surely as a terminal's Ctrl-C does."""
+    with search.trials_lock:  # a stop either comes before this trial starts, or finds its process
+        if search.stopped_by:
+            trial.set_user_attr("not_run", f"the search was stopped by {search.stopped_by}")
+            raise NotRun()
+        process = subprocess.Popen(args, process_group=0, **kwargs)
+        search.running.add(process)
+    try:
+        return process.wait()
+    finally:
+        with search.trials_lock:
+            search.running.discard(process)
+
+
+def stop(search, received):
+    """Stop the search on a signal: no trial starts any more, and the running ones get SIGINT, the train
+    stage's clean stop (they fail, and are not counted)."""
+    with search.trials_lock:
+        if search.stopped_by:  # a second Ctrl-C changes nothing: the trials are stopping
+            return
+        search.stopped_by = "Ctrl-C (SIGINT)" if received == signal.SIGINT else received.name
+        search.errors.insert(0, UserError(f"search stopped by {search.stopped_by}; rerun the same command to "
+                                          f"continue it (the report of the trials so far is in {search.report_dir})"))
+        for process in search.running:
+            try:
+                os.killpg(process.pid, signal.SIGINT)
+            except ProcessLookupError:  # ended just now
+                pass
 
 
 def work(search, started, poll_s=2.0):
@@ -676,16 +715,14 @@ def main(argv=None):
               f"{jobs} at a time; objective: final validation accuracy; pruner: {args.pruner}", flush=True)
         started = time.monotonic()
         threads = [threading.Thread(target=work_thread, args=(search, started)) for _ in range(jobs)]
+        for signum in (signal.SIGINT, signal.SIGTERM):  # to the worker alone or with its group, as Ctrl-C does
+            signal.signal(signum, lambda signum, frame: stop(search, signal.Signals(signum)))
+        # no KeyboardInterrupt: a join it interrupts leaves the thread looking ended (Python 3.11), and the
+        # process would exit with its trial running and the trial's state never written
         for thread in threads:
             thread.start()
-        try:
-            for thread in threads:
-                thread.join()
-        except KeyboardInterrupt:  # Ctrl-C reached the trials too: they stop, and the threads start no more
-            search.errors.insert(0, UserError("search stopped by Ctrl-C; rerun the same command to continue it "
-                                              f"(the report of the trials so far is in {search.report_dir})"))
-            for thread in threads:
-                thread.join()
+        for thread in threads:
+            thread.join()
     write_report(search)  # the trials so far, however the search ended
     if search.errors:
         raise search.errors[0]
