@@ -1,7 +1,8 @@
 """CIFAR-10 in its official python layout: fetching the archive, reading the batches, channel statistics.
 
 torchvision.datasets.CIFAR10 checks the official per-file md5s and so rejects mirrors and test archives;
-the batches are read here instead, with torchvision's download, checksum and extraction utilities."""
+the batches are read here instead, with torchvision's download and checksum utilities, and extracted by
+tarfile, every member checked first (torchvision's extract_archive writes wherever a member's name points)."""
 import http.client
 import os
 import pickle
@@ -16,8 +17,9 @@ from urllib.request import url2pathname
 
 import numpy as np
 import torch
+from pydantic import ConfigDict
 
-from .params import Section, text
+from .params import Section, integer, text
 from .workspace import UserError
 
 
@@ -26,6 +28,15 @@ class DataParams(Section):
     section = "data"
     url: text()
     md5: text(r"^[0-9a-fA-F]{32}$", "an md5 checksum of 32 hex digits")
+
+
+class SplitParams(Section):
+    """The one key of the `train` section that decides which images are trained on, as the stats stage reads it
+    (training.Recipe checks the whole section, for the train stage)."""
+    model_config = ConfigDict(extra="ignore")  # the section's other keys are the train stage's
+    section = "train"
+    validation_images: integer(0)
+
 
 ARCHIVE_FOLDER = "cifar-10-batches-py"  # the one folder the official archive holds
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -73,7 +84,7 @@ def _fetch(url, workdir):
 def download(url, md5, dest_dir):
     """Fetch the archive at `url`, check its md5, extract it and check its layout; only then move
     `cifar-10-batches-py/` into `dest_dir`. On any failure nothing is left in `dest_dir`."""
-    from torchvision.datasets.utils import calculate_md5, extract_archive
+    from torchvision.datasets.utils import calculate_md5
 
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -85,16 +96,50 @@ def download(url, md5, dest_dir):
         if actual != md5.lower():
             raise UserError(f"data.url {url!r}: md5 is {actual}, but data.md5 is {md5}")
         extracted = workdir / "extracted"
-        try:
-            extract_archive(str(archive), str(extracted))
-        except (tarfile.TarError, EOFError, zlib.error, OSError, RuntimeError) as e:
-            raise UserError(f"data.url {url!r}: not a readable .tar.gz archive ({' '.join(str(e).split())})")
+        extract(archive, extracted, url)
         check_layout(extracted / ARCHIVE_FOLDER, source=url)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(extracted / ARCHIVE_FOLDER, target)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return target
+
+
+FILTER_ERROR = getattr(tarfile, "FilterError", ())  # the 'data' filter's error; () where tarfile has no filters
+
+
+def extract(archive, folder, url):
+    """Extract the .tar.gz `archive` into `folder` once every member is checked: a plain file or folder, inside
+    `folder`. Else a one-line error names the first other one, and nothing is extracted: data.url may be any
+    file whose md5 the user sets, and tarfile alone writes a member named ../x or /x, or one reached through a
+    link it extracted, outside the folder (CVE-2007-4559). tarfile's own 'data' filter (Python 3.11.4 and
+    newer) checks again as it extracts, and drops permission bits no data file needs."""
+    folder = Path(folder).resolve()
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()  # all of them, before anything is written
+            for member in members:
+                if (refused := refusal(member, folder)) is not None:
+                    raise UserError(f"data.url {url!r}: refused the archive's member {member.name!r}: {refused}; "
+                                    f"a CIFAR-10 archive holds plain files and folders only")
+            tar.extractall(folder, members, **({"filter": "data"} if FILTER_ERROR else {}))
+    except FILTER_ERROR as e:  # what the 'data' filter refuses and refusal() does not (none known)
+        raise UserError(f"data.url {url!r}: refused the archive's member {e.tarinfo.name!r}: {e}")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise UserError(f"data.url {url!r}: not a readable .tar.gz archive ({' '.join(str(e).split())})")
+
+
+def refusal(member, folder):
+    """Why the tar `member` must not be extracted into `folder` (absolute), or None."""
+    if member.issym() or member.islnk():
+        return f"a {'symbolic' if member.issym() else 'hard'} link (to {member.linkname!r})"
+    if not (member.isfile() or member.isdir()):
+        return "a device file, pipe or other special file"
+    if os.path.isabs(member.name):
+        return "an absolute path"
+    if not Path(os.path.normpath(folder / member.name)).is_relative_to(folder):
+        return "it would land outside the folder it is extracted to"
+    return None
 
 
 # The globals a batch's pickle may name: numpy's array reconstruction (numpy.core before numpy 2; _frombuffer in
@@ -179,6 +224,17 @@ def hold_out(labels, n, num_classes, seed=SPLIT_SEED):
     kept = torch.ones(len(labels), dtype=torch.bool)
     kept[held] = False
     return torch.nonzero(kept).flatten(), held
+
+
+def training_split(batches_dir, validation_images, num_classes):
+    """((images, labels) trained on, (images, labels) held out, or None): the training batches, with
+    `validation_images` > 0 of them held out by hold_out. What the train stage trains on and the stats stage
+    normalizes by: the held-out images shape neither."""
+    images, labels = load_split(batches_dir, "train")
+    if not validation_images:
+        return (images, labels), None
+    kept, held = hold_out(labels, validation_images, num_classes)
+    return (images[kept], labels[kept]), (images[held], labels[held])
 
 
 def read_classes(batches_dir):

@@ -198,25 +198,28 @@ def setup(device, node=0, run_fingerprint=None):
 
 def check_nodes_agree(ranks, main_rank):
     """A GroupStop naming each node whose fingerprint is not the main rank's, and what differs: before any
-    step, every rank raises it alike. Nodes with a stale checkout, other params or other data would otherwise
-    train together, silently."""
+    step, every rank raises it alike. Nodes with a stale checkout, other params, other data or other versions
+    of torch, CUDA or cuDNN would otherwise train together, silently."""
     main = ranks[main_rank]
     found = {peer["node"]: differences(main["fingerprint"], peer["fingerprint"]) for peer in ranks
              if peer["fingerprint"] != main["fingerprint"]}
     if found:
         raise GroupStop("; ".join(f"node {node} differs from node {main['node']} in {', '.join(what)}"
                                   for node, what in sorted(found.items())) +
-                        ": every node needs the same checkout, params and data (docs/distributed.md)")
+                        ": every node needs the same checkout, params, data and versions of torch, CUDA and cuDNN "
+                        "(docs/distributed.md)")
 
 
 def differences(a, b):
     """What differs between two fingerprints (resume.fingerprint): each part that differs by its name, or for
-    the parts that are files ({path: digest}, the data and the code), each file that differs."""
+    the parts that are files ({path: digest}, the data and the code), each file that differs, and for the
+    libraries' versions, each library's ('torch version')."""
     found = []
     for part in a.keys() | b.keys():
         mine, theirs = a.get(part), b.get(part)
         if isinstance(mine, dict) and isinstance(theirs, dict):
-            found += [name for name in mine.keys() | theirs.keys() if mine.get(name) != theirs.get(name)]
+            found += [f"{name} version" if part == "versions" else name for name in mine.keys() | theirs.keys()
+                      if mine.get(name) != theirs.get(name)]
         elif mine != theirs:
             found.append(part)
     return sorted(found)

@@ -45,8 +45,9 @@ def read_image(path):
 
 def classify(files, model, top, on_error):
     """Yield (file, [(class, probability)] of the `top` most probable classes) per readable file, in order,
-    `model` (cifar.runtime) scoring BATCH_SIZE images at once; each unreadable file goes to on_error(UserError)
-    and is skipped. A progress bar on stderr when there is more than one batch."""
+    `model` (cifar.runtime) scoring BATCH_SIZE images at once, equally probable classes in the model's order
+    (the first is the evaluate stage's class); each unreadable file goes to on_error(UserError) and is skipped.
+    A progress bar on stderr when there is more than one batch."""
     top = min(top, len(model.classes))
     with tqdm(total=len(files), unit="image", disable=len(files) <= BATCH_SIZE, leave=False) as progress:
         for start in range(0, len(files), BATCH_SIZE):
@@ -58,8 +59,11 @@ def classify(files, model, top, on_error):
                 except UserError as e:
                     on_error(e)
             if images:
-                probabilities = model.logits(torch.stack(images)).softmax(1)
-                values, indices = probabilities.topk(top, dim=1)
+                logits = model.logits(torch.stack(images))
+                # ties (bf16 rounds nearby logits to one value) in the classes' order, as the evaluate stage's
+                # argmax breaks them: topk would order them as it pleases
+                indices = logits.sort(dim=1, descending=True, stable=True).indices[:, :top]
+                values = logits.softmax(1).gather(1, indices)
                 for path, p, i in zip(readable, values.tolist(), indices.tolist()):
                     yield path, [(model.classes[c], v) for c, v in zip(i, p)]
             progress.update(len(files[start:start + BATCH_SIZE]))

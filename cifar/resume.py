@@ -50,15 +50,15 @@ def fingerprint(model, recipe, device):
     every node of a run must share: distributed.setup): `params`, the model params and the recipe, its
     precision resolved for this device (`auto` trains in bf16 on one GPU and fp16 on another: a checkpoint of
     one must not resume in the other), never `system` (it never changes what is computed); `device`, its type
-    (RNG states differ between CPU and CUDA); `data`, the batch files and data/stats.json, and `code`, the
+    (RNG states differ between CPU and CUDA); `data`, the batch files and data/stats.json; `code`, the
     train stage's files (found by reading its imports, so the same in any process that calls this), each file
-    by content."""
+    by content; and `versions`, those of torch, CUDA and cuDNN (versions()), whose kernels compute the run."""
     if recipe.precision == "auto":
         raise ValueError("fingerprint: resolve the recipe's precision for the device first")
     params = json.dumps({"model": dict(model), "train": recipe.model_dump()}, sort_keys=True)
     return {"params": hashlib.sha256(params.encode()).hexdigest(), "device": device.type,
             "data": file_digests([*Path(BATCHES_DIR).iterdir(), Path(STATS_FILE)]),
-            "code": file_digests(code_of("stages/train.py"), ROOT)}
+            "code": file_digests(code_of("stages/train.py"), ROOT), "versions": versions()}
 
 
 def file_digests(paths, root=Path()):
@@ -77,15 +77,17 @@ def versions():
     return {"torch": str(torch.__version__), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
 
 
-def checkpoint_path(run_fingerprint):
+def checkpoint_path(run_fingerprint, run_key=None):
     """Where the run's checkpoint lives: models/checkpoint.pt, except in a run in a temporary copy (DVC's
     queue, `dvc exp run --temp`), which DVC discards when the run ends however it ends. There it lives in the
     original repository, which DVC names in DVC_ROOT for such runs, under .dvc/tmp (git-ignored), named by
-    the fingerprint: the same experiment queued again finds it."""
+    the fingerprint and `run_key` (a search trial's identity, the same for its retries): the same experiment
+    queued again finds it, and two runs of one fingerprint at once (search trials) never share it."""
     root = os.environ.get("DVC_ROOT")
     if root is None or Path(root).resolve() == Path.cwd().resolve():
         return CHECKPOINT_FILE
-    key = hashlib.sha256(json.dumps(run_fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    named = run_fingerprint if run_key is None else {**run_fingerprint, "run_key": run_key}
+    key = hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:16]
     return Path(root) / QUEUED_CHECKPOINTS / f"{key}.pt"
 
 
@@ -129,16 +131,15 @@ def read_checkpoint(path, run_fingerprint):
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        stale = state["fingerprint"] != run_fingerprint
+        stale, written_by = state["fingerprint"] != run_fingerprint, state["versions"]
     except Exception as e:  # a damaged scratch file is not worth stopping for
         print(f"{path}: unreadable ({type(e).__name__}); starting afresh")
         return None
+    if written_by != versions():  # first: the fingerprint holds them too, but this says which
+        print(f"{path}: written by {describe(written_by)}, but this is {describe(versions())}; starting afresh")
+        return None
     if stale:
         print(f"{path}: from other params, data or code; starting afresh")
-        return None
-    if state["versions"] != versions():
-        print(f"{path}: written by {describe(state['versions'])}, but this is {describe(versions())}; "
-              "starting afresh")
         return None
     return state
 

@@ -9,8 +9,6 @@ import inspect
 import io
 import pickle
 import signal
-import subprocess
-import sys
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -21,7 +19,6 @@ import pytest
 from dvcrepo import (
     copy_repo,
     dvc,
-    env,
     experiment_refs,
     experiment_results,
     make_repo,
@@ -29,6 +26,7 @@ from dvcrepo import (
     queue_states,
     run,
     start_workers,
+    stop_queue,
     training_results,
     wait_for_experiments,
 )
@@ -215,9 +213,8 @@ def swept(trained_repo, tmp_path_factory):
     try:
         started = start_workers(repo, repo.parent / "queue-start.log", jobs=2)
         wait_for_experiments(repo, SWEPT)
-    finally:  # the workers run in the background: stop them, and any task they left running
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo, env=env(),
-                       capture_output=True, timeout=120)
+    finally:
+        stop_queue(repo)
     refs = experiment_refs(repo)
     return Swept(repo, code, output, queued, queue_states(repo), started,
                  {name: experiment_results(repo, refs[name]) for name in SWEPT})

@@ -3,13 +3,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
+from deadlines import COMMAND_S, WAIT_S, finish, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 TRACKED = ["stages", "cifar", "tools", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config",
@@ -30,19 +31,27 @@ def env():
     return {**os.environ, **git_user, "DVC_NO_ANALYTICS": "1", "CUDA_VISIBLE_DEVICES": "", "PATH": path}
 
 
-def run(repo, *args, timeout=None):
-    result = subprocess.run(args, cwd=repo, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
+def call(repo, *args, timeout=COMMAND_S, **environment):
+    """(exit status, stdout, stderr) of a command run in `repo` with env() and `environment`, which must end
+    within `timeout` s (deadlines.finish)."""
+    process = subprocess.Popen(args, cwd=repo, env={**env(), **environment}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    return finish(process, timeout, " ".join(map(str, args)))
 
 
-def dvc(repo, *args, timeout=None):
+def run(repo, *args, timeout=COMMAND_S):
+    code, out, err = call(repo, *args, timeout=timeout)
+    assert code == 0, f"{' '.join(map(str, args))} failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return out + err
+
+
+def dvc(repo, *args, timeout=COMMAND_S):
     return run(repo, sys.executable, "-m", "dvc", *args, timeout=timeout)
 
 
 def start(repo, *args, **environment):
     """A command running in the background in its own process group (to signal it and its children), with
-    `environment` added to env()."""
+    `environment` added to env(). deadlines.finish waits for it."""
     return subprocess.Popen(args, cwd=repo, env={**env(), **environment}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -126,39 +135,38 @@ def finished_epochs(repo):
         return 0
 
 
-def wait_for_experiments(repo, names, timeout=900):
+def wait_for_experiments(repo, names, timeout=WAIT_S):
     """Wait until each name has an experiment ref, reading git's refs only: polling `dvc queue status` makes
     the worker read the broker's control messages, and a message read half-written crashes it (dvc 3.67)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def finished():
         refs = run(repo, "git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
-        if set(names) <= {ref.rsplit("/", 1)[1] for ref in refs if not ref.startswith("refs/exps/celery/")}:
-            return
-        failed = "refs/exps/celery/failed" in refs
-        assert not failed and time.monotonic() < deadline, dvc(repo, "queue", "status")
-        time.sleep(0.5)
+        assert "refs/exps/celery/failed" not in refs, dvc(repo, "queue", "status")
+        return set(names) <= {ref.rsplit("/", 1)[1] for ref in refs if not ref.startswith("refs/exps/celery/")}
+
+    wait_until(finished, timeout, f"the queued experiments {', '.join(names)}", interval=0.5)
+
+
+def wait_for_epoch(repo, *processes, timeout=WAIT_S):
+    """The finished epochs repo's checkpoint holds, once it holds one, written by `processes` (started, in the
+    background: the test fails at once if one ends first)."""
+    return wait_until(lambda: finished_epochs(repo), timeout, f"a checkpoint in {repo} holding a finished epoch",
+                      processes, interval=0.02)
 
 
 def stop_after_first_epoch(repo, process, signum):
     """Send `signum` to the process group of `process` once the checkpoint holds a finished epoch; returns
     (exit status, stderr, the finished epochs the checkpoint held when the signal was sent)."""
-    deadline = time.monotonic() + 300
-    while (epoch := finished_epochs(repo)) < 1:
-        assert process.poll() is None, f"exited before a checkpoint:\n{process.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.02)
+    epoch = wait_for_epoch(repo, process)
     os.killpg(process.pid, signum)
-    stdout, stderr = process.communicate(timeout=120)
-    return process.returncode, stderr, epoch
+    code, _, stderr = finish(process, COMMAND_S, f"the run stopped by {signal.Signals(signum).name}")
+    return code, stderr, epoch
 
 
 def module(repo, name, *args):
     """python -m stages.<name> (or a dotted module: tools.sweep) args in repo, as its own process -> (exit
     status, stdout + stderr)."""
-    module_name = name if "." in name else f"stages.{name}"
-    result = subprocess.run([sys.executable, "-m", module_name, *args], cwd=repo, env=env(),
-                            capture_output=True, text=True, timeout=300)
-    return result.returncode, result.stdout + result.stderr
+    code, out, err = call(repo, sys.executable, "-m", name if "." in name else f"stages.{name}", *args)
+    return code, out + err
 
 
 def queue_rows(repo):
@@ -176,10 +184,17 @@ def start_workers(repo, log, jobs):
     """`dvc queue start -j jobs`. Its workers keep the command's stdout and stderr open, so they go to a file:
     through a pipe, the command would seem to run as long as the workers."""
     with open(log, "w") as f:
-        result = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
-                                env=env(), stdout=f, stderr=subprocess.STDOUT, timeout=120)
-    assert result.returncode == 0, log.read_text()
+        process = subprocess.Popen([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
+                                   env=env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+        code, _, _ = finish(process, 120, f"dvc queue start -j {jobs}")
+    assert code == 0, log.read_text()
     return log.read_text()
+
+
+def stop_queue(repo):
+    """`dvc queue stop --kill`: the workers run in the background; stop them, and any task they left running.
+    Whether it worked is not checked: it runs in a `finally`, after whatever the test found."""
+    call(repo, sys.executable, "-m", "dvc", "queue", "stop", "--kill", timeout=120)
 
 
 def experiment_results(repo, rev):

@@ -1,8 +1,10 @@
 """Download, checksum, extraction, batch reading and channel statistics."""
 import gzip
 import hashlib
+import io
 import pickle
 import re
+import tarfile
 
 import numpy as np
 import pytest
@@ -79,6 +81,58 @@ def test_a_corrupt_archive_whose_md5_the_user_supplies_is_an_error(tmp_path, arc
     with pytest.raises(UserError, match="not a readable .tar.gz archive") as error:
         download(str(tmp_path / "bad.tar.gz"), hashlib.md5(bad).hexdigest(), tmp_path / "data")
     assert reason in str(error.value) and "\n" not in str(error.value)
+    assert_nothing_left_and_a_corrected_run_works(tmp_path / "data", archive_dir)
+
+
+def crafted_archive(path, *members):
+    """The synthetic archive with `members` (tarfile.TarInfo) added after its batches, a file's content its
+    name: a .tar.gz at `path`, whose md5 is returned (the user's own md5: only extraction stands in the way)."""
+    files = {f"cifar-10-batches-py/{name}": pickle.dumps(obj, protocol=2) for name, obj in synthetic_batches().items()}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for info in [*(tarfile.TarInfo(name) for name in files), *members]:
+            data = files.get(info.name, info.name.encode()) if info.isfile() else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(buffer.getvalue())
+    return hashlib.md5(buffer.getvalue()).hexdigest()
+
+
+def member(name, kind=tarfile.REGTYPE, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+@pytest.mark.parametrize("case, why", [
+    ("relative escape", "it would land outside the folder it is extracted to"),
+    ("absolute path", "an absolute path"),
+    ("symbolic link out", "a symbolic link (to '../../../..')"),
+    ("hard link", "a hard link (to '{victim}')"),
+    ("device file", "a device file, pipe or other special file"),
+])
+def test_an_archive_member_that_would_write_outside_its_folder_is_refused_and_nothing_is_written(tmp_path, archive_dir,
+                                                                                                    case, why):
+    """data.url may be any file whose md5 the user sets: a member named ../../../x (from the extraction folder,
+    data/.download-*/extracted, that is tmp_path), an absolute one, a link to tmp_path and a file written through
+    it, a hard link to a file outside, a device file. Each is refused in one line naming it, before anything is
+    extracted: nothing appears outside data/, and nothing is left in it."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched\n")
+    bad = {"relative escape": [member("../../../escaped-rel.txt")],
+           "absolute path": [member(str(tmp_path / "escaped-abs.txt"))],
+           "symbolic link out": [member("cifar-10-batches-py/out", tarfile.SYMTYPE, "../../../.."),
+                                 member("cifar-10-batches-py/out/escaped-link.txt")],
+           "hard link": [member("cifar-10-batches-py/hard", tarfile.LNKTYPE, str(victim))],
+           "device file": [member("cifar-10-batches-py/null", tarfile.CHRTYPE)]}[case]
+    md5 = crafted_archive(tmp_path / "crafted.tar.gz", *bad)
+    url = str(tmp_path / "crafted.tar.gz")
+    with pytest.raises(UserError) as error:
+        download(url, md5, tmp_path / "data")
+    assert str(error.value) == (f"data.url {url!r}: refused the archive's member {bad[0].name!r}: "
+                                f"{why.format(victim=victim)}; a CIFAR-10 archive holds plain files and folders only")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.tar.gz", "data", "victim.txt"]
+    assert victim.read_text() == "untouched\n"
     assert_nothing_left_and_a_corrected_run_works(tmp_path / "data", archive_dir)
 
 

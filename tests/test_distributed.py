@@ -1,20 +1,19 @@
 """Several processes (DistributedDataParallel, gloo on the CPU): the shards, the crops, the launcher's command
 line, one step on 2 processes with half the batch each against 1 process with the whole batch, and the EMA's
 BatchNorm pass shared out over 2 processes against 1 process."""
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from dvcrepo import copy_repo, dvc, env, read_json, run, set_params, stages_run
+from deadlines import spawn
+from dvcrepo import call, copy_repo, dvc, read_json, run, set_params, stages_run
 from recipes import changed, recipe, system
 from test_pipeline import OUTPUTS
 from torch import nn
 
 from cifar.augment import random_crop_flip, reflect_pad
-from cifar.distributed import Context, check, differences, node_rank, shard, torchrun_args
+from cifar.distributed import Context, GroupStop, check, check_nodes_agree, differences, node_rank, shard, torchrun_args
 from cifar.model import ResNet
 from cifar.training import Data, ema_batchnorm, make_trainer, train_epoch
 from cifar.workspace import UserError
@@ -23,6 +22,7 @@ TRAIN = recipe(epochs=1, batch_size=50, precision="fp32", nproc=2)
 SYSTEM = system()
 CPU = torch.device("cpu")
 GPUS = torch.cuda.device_count()
+SPAWN_S = 300  # 2 ranks of a tiny model: seconds, unless one waits on a peer that is gone
 
 
 def test_shards_cover_the_batch_in_order_and_differ_by_at_most_one():
@@ -152,7 +152,7 @@ def ema_rank_main(rank, store, folder, cuda=False):
 def test_the_ema_s_batchnorm_pass_is_shared_out_and_gives_one_process_s_statistics(tmp_path):
     """130 images in 7 batches (the last of 10): rank 0 takes 3 batches, rank 1 the other 4, and the combined
     statistics are those one process computes over all 7 (update_bn's average of the batches' own)."""
-    mp.spawn(ema_rank_main, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    spawn(ema_rank_main, (str(tmp_path / "store"), str(tmp_path)), 2, SPAWN_S, "the EMA's BatchNorm pass")
     ranks = [torch.load(tmp_path / f"ema{rank}.pt") for rank in range(2)]
     one, seen = ema_statistics(130, Context(CPU))
     assert seen == [20] * 6 + [10]
@@ -168,7 +168,7 @@ def test_with_sync_bn_each_rank_takes_its_slice_of_every_batch_and_the_statistic
                                                                                                       monkeypatch):
     for module in [torch.backends.cudnn, torch.backends.cuda.matmul]:  # true fp32, as in the ranks
         monkeypatch.setattr(module, "allow_tf32", False)
-    mp.spawn(ema_rank_main, args=(str(tmp_path / "store"), str(tmp_path), True), nprocs=2)
+    spawn(ema_rank_main, (str(tmp_path / "store"), str(tmp_path), True), 2, SPAWN_S, "the EMA's BatchNorm pass")
     ranks = [torch.load(tmp_path / f"ema{rank}.pt") for rank in range(2)]
     one, _ = ema_statistics(130, Context(torch.device("cuda", 0)))
     assert [r[1] for r in ranks] == [[10] * 6 + [5]] * 2  # half of every batch each
@@ -183,10 +183,26 @@ def test_differences_name_the_parts_and_files_two_fingerprints_differ_in():
          "code": {"cifar/fit.py": "f", "new.py": "n"}}
     assert differences(a, b) == ["data/stats.json", "new.py", "params"]
     assert differences(a, dict(a)) == []
+    versions = {"torch": "2.14.1", "cuda": "13.0", "cudnn": 91000}
+    assert differences({**a, "versions": versions}, {**a, "versions": {**versions, "torch": "2.13.0"}}) == [
+        "torch version"]
+
+
+def test_nodes_with_other_versions_of_torch_cuda_or_cudnn_are_refused_naming_them():
+    """As any other difference of their fingerprints (resume.fingerprint holds the versions): the ranks' stop,
+    before any step, names the node and the libraries."""
+    versions = {"torch": "2.14.1", "cuda": "13.0", "cudnn": 91000}
+    ranks = [{"node": node, "first": True, "fingerprint": {"params": "p", "versions": versions}} for node in (0, 1)]
+    check_nodes_agree(ranks, 0)  # the same: they train together
+    ranks[1]["fingerprint"] = {"params": "p", "versions": {**versions, "torch": "2.13.0", "cudnn": 90100}}
+    with pytest.raises(GroupStop, match=r"^node 1 differs from node 0 in cudnn version, torch version: every node "
+                                        r"needs the same checkout, params, data and versions of torch, CUDA and cuDNN "
+                                        r"\(docs/distributed.md\)$"):
+        check_nodes_agree(ranks, 0)
 
 
 def spawn_two_ranks(folder, cuda):
-    mp.spawn(rank_main, args=(str(folder / "store"), str(folder / "out.pt"), cuda), nprocs=2)
+    spawn(rank_main, (str(folder / "store"), str(folder / "out.pt"), cuda), 2, SPAWN_S, "one step on 2 processes")
     return torch.load(folder / "out.pt")
 
 
@@ -284,9 +300,8 @@ def two_process_repo(data_repo, tmp_path):
 
 
 def stage_error(repo):
-    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=repo, env=env(), capture_output=True,
-                            text=True)
-    return result.returncode, result.stderr.strip().splitlines()
+    code, _, err = call(repo, sys.executable, "-m", "stages.train")
+    return code, err.strip().splitlines()
 
 
 def test_sync_bn_on_the_cpu_is_one_line_before_any_rank_starts(two_process_repo):
@@ -347,7 +362,7 @@ def test_node_0s_rank_writes_and_sends_its_checkpoint_even_when_it_is_not_rank_0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(node_rank_main, args=(port, tmp_path), nprocs=2)
+    spawn(node_rank_main, (port, tmp_path), 2, SPAWN_S, "the checkpoint sent from node 0's rank")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert [r["context"] for r in ranks] == [(0, 1, False), (1, 1, True)]  # node 0's rank 1 is the main one
     assert not (tmp_path / "node1/checkpoint.pt").exists()

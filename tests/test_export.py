@@ -10,6 +10,7 @@ import onnxruntime
 import pytest
 import torch
 import yaml
+from agreement import real_disagreements
 from conftest import CLASSES, TEST_IMAGES
 from dvcrepo import REPO, read_json
 
@@ -17,6 +18,7 @@ from cifar import export
 from cifar.augment import Normalizer
 from cifar.data import load_split
 from cifar.model import ResNet, load_model
+from cifar.runtime import OnnxModel
 from cifar.workspace import UserError
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())["export"]
@@ -27,8 +29,12 @@ def test_the_tiny_pipelines_onnx_file_agrees_with_pytorch_within_the_tolerances(
     assert metrics["images"] == TEST_IMAGES and metrics["opset"] == PARAMS["opset"]
     assert 0 <= metrics["max_logit_diff"] <= PARAMS["max_logit_diff"]
     assert metrics["agreement"] >= PARAMS["min_agreement"]
-    evaluated = read_json(trained_repo.repo, "metrics/evaluate/metrics.json")
-    assert metrics["onnx_accuracy"] == pytest.approx(evaluated["accuracy"], abs=1 / TEST_IMAGES)
+    # its classes are evaluate's, but where evaluate's precision (bf16 on a CPU that computes it natively) and
+    # the check's tolerance put two classes too close to tell apart: not a count of flipped ties (agreement.py)
+    images, labels = load_split(trained_repo.repo / "data/cifar-10-batches-py", "test")
+    found = OnnxModel(trained_repo.repo / "models/model.onnx").logits(images).argmax(1)
+    assert metrics["onnx_accuracy"] == (found == labels).double().mean().item()
+    assert real_disagreements(trained_repo.repo, found, "fp32", slack=2 * PARAMS["max_logit_diff"]) == []
 
 
 def test_the_onnx_file_takes_raw_pixels_of_any_batch_size_and_names_its_classes(trained_repo):

@@ -7,12 +7,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import psutil
 import pytest
+from deadlines import finish_all, kill_tree
 from dvcrepo import (
     CHECKPOINT,
     copy_repo,
@@ -21,6 +21,7 @@ from dvcrepo import (
     set_params,
     start,
     training_results,
+    wait_for_epoch,
 )
 
 EPOCHS = 3  # the test repositories' train.epochs
@@ -37,17 +38,6 @@ def two_processes(data_repo, tmp_path_factory):
     return training_results(repo)
 
 
-def wait_for_epoch(repo, *processes):
-    """Wait until repo's checkpoint holds a finished epoch; returns how many it holds."""
-    deadline = time.monotonic() + TIMEOUT
-    while (epoch := finished_epochs(repo)) < 1:
-        for process in processes:
-            assert process.poll() is None, f"exited before a checkpoint:\n{process.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, f"no checkpoint after {TIMEOUT} s"
-        time.sleep(0.02)
-    return epoch
-
-
 def rank_process(launcher, rank=None):
     """The process of global rank `rank` (by default: any rank) among the launcher's children (torchrun's
     workers)."""
@@ -60,34 +50,18 @@ def rank_process(launcher, rank=None):
     raise AssertionError(f"no rank {rank} under process {launcher.pid}")
 
 
-def kill_all(process):
-    """SIGKILL a process start() began and everything under it. torchrun starts each rank in a session of its
-    own, out of reach of the launcher's process group, and a rank outlives its killed launcher: it would go on
-    training (and writing) beside what the test starts next."""
-    tree = psutil.Process(process.pid).children(recursive=True)
-    os.killpg(process.pid, signal.SIGKILL)
-    for child in tree:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def finish(process):
-    """(exit status, stdout + stderr) of a process start() began; on a timeout, it and its ranks are killed."""
-    try:
-        out, err = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        kill_all(process)
-        raise
-    return process.returncode, out + err
+def finish(*processes, what="the train stage"):
+    """[(exit status, stdout + stderr)] of processes start() began (the nodes of one run), or of the one: they must
+    end within TIMEOUT s, else they are killed with their ranks and the test fails saying what it waited for."""
+    ran = [(code, out + err) for code, out, err in finish_all(processes, TIMEOUT, what)]
+    return ran if len(processes) > 1 else ran[0]
 
 
 def test_a_rank_killed_mid_epoch_is_restarted_and_the_run_resumes_bit_for_bit(data_repo, two_processes, tmp_path):
     repo = copy_repo(data_repo.repo, tmp_path / "repo")
     set_params(repo, train__nproc=2, system__max_restarts=1)
     launcher = start(repo, sys.executable, "-m", "stages.train")
-    epoch = wait_for_epoch(repo, launcher)
+    epoch = wait_for_epoch(repo, launcher, timeout=TIMEOUT)
     rank_process(launcher, 1).kill()  # SIGKILL: no handler runs, the rank just vanishes mid-epoch
     code, output = finish(launcher)
     assert code == 0, output
@@ -127,7 +101,7 @@ def test_ranks_end_within_seconds_when_their_launcher_is_killed_and_the_next_rep
     repo = copy_repo(data_repo.repo, tmp_path / "repo")
     set_params(repo, train__nproc=2)
     launcher = start(repo, sys.executable, "-m", "stages.train")
-    epoch = wait_for_epoch(repo, launcher)
+    epoch = wait_for_epoch(repo, launcher, timeout=TIMEOUT)
     ranks = [rank_process(launcher, rank) for rank in range(2)]
     os.kill(launcher.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -139,7 +113,7 @@ def test_ranks_end_within_seconds_when_their_launcher_is_killed_and_the_next_rep
         for rank in ranks:
             if alive(rank):
                 rank.kill()
-        launcher.communicate(timeout=TIMEOUT)
+        finish(launcher, what="the killed launcher")
     assert finished_epochs(repo) == epoch < EPOCHS and not (repo / "models/model.pt").exists()
     output = dvc(repo, "repro", "train")
     assert f"resuming from models/checkpoint.pt after epoch {epoch}/{EPOCHS}" in output, output
@@ -172,7 +146,7 @@ def start_nodes(nodes):
 @pytest.fixture(scope="module")
 def two_nodes(data_repo, tmp_path_factory):
     nodes = two_node_repos(data_repo, tmp_path_factory.mktemp("two_nodes"))
-    ran = [finish(process) for process in start_nodes(nodes)]
+    ran = finish(*start_nodes(nodes), what="the two nodes' train stages")
     return nodes, ran
 
 
@@ -191,13 +165,13 @@ def test_a_stopped_two_node_run_resumes_on_both_nodes(data_repo, two_nodes, tmp_
     resumes from the state node 0's main rank sends it over the process group."""
     nodes = two_node_repos(data_repo, tmp_path)
     processes = start_nodes(nodes)
-    wait_for_epoch(nodes[0], *processes)
+    wait_for_epoch(nodes[0], *processes, timeout=TIMEOUT)
     for process in processes:
-        kill_all(process)  # a lost node: its launcher and its ranks
-        process.communicate(timeout=TIMEOUT)
+        kill_tree(process)  # a lost node: its launcher and its ranks
+    finish(*processes, what="the killed nodes")
     epoch = finished_epochs(nodes[0])
     assert 1 <= epoch < EPOCHS and not (nodes[1] / CHECKPOINT).exists(), epoch
-    ran = [finish(process) for process in start_nodes(nodes)]
+    ran = finish(*start_nodes(nodes), what="the two nodes' train stages")
     for code, output in ran:
         assert code == 0, output
     assert f"resuming from models/checkpoint.pt after epoch {epoch}/{EPOCHS}" in ran[0][1], ran[0][1]
@@ -210,9 +184,9 @@ def test_a_rank_killed_on_node_1_restarts_both_nodes_and_the_run_resumes_bit_for
     resume from the state node 0's rank sends."""
     nodes = two_node_repos(data_repo, tmp_path)
     processes = start_nodes(nodes)
-    wait_for_epoch(nodes[0], *processes)
+    wait_for_epoch(nodes[0], *processes, timeout=TIMEOUT)
     rank_process(processes[1]).kill()  # node 1's only rank, whichever global rank it drew
-    ran = [finish(process) for process in processes]
+    ran = finish(*processes, what="the two nodes' train stages")
     for code, output in ran:
         assert code == 0, output
     assert "torchrun restarted the ranks after a failure" in ran[0][1], ran[0][1]
@@ -231,9 +205,9 @@ def test_nodes_that_differ_stop_before_any_step_in_one_line_naming_the_node_and_
     edited["mean"][0] += 0.01
     stats.unlink()  # DVC may have linked it to its cache
     stats.write_text(json.dumps(edited))
-    ran = [finish(process) for process in start_nodes(nodes)]
-    line = ("error: node 1 differs from node 0 in data/stats.json: every node needs the same checkout, params "
-            "and data (docs/distributed.md)")
+    ran = finish(*start_nodes(nodes), what="the two nodes' train stages")
+    line = ("error: node 1 differs from node 0 in data/stats.json: every node needs the same checkout, params, "
+            "data and versions of torch, CUDA and cuDNN (docs/distributed.md)")
     for code, output in ran:
         assert code != 0 and output.splitlines().count(line) == 1, output
         assert "torchrun restarted" not in output and "epoch 1/" not in output, output

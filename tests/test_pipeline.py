@@ -3,14 +3,13 @@ served from 127.0.0.1, with a tiny model (conftest's data_repo and trained_repo,
 Tests that change a repository change their own copy."""
 import json
 import re
-import subprocess
 import sys
 from collections import Counter
 
 import pytest
 import torch
 from conftest import TEST_IMAGES, synthetic_batches
-from dvcrepo import copy_repo, dvc, env, read_json, run, set_params, stages_run
+from dvcrepo import call, copy_repo, dvc, read_json, run, set_params, stages_run
 from recipes import recipe
 
 from cifar import training
@@ -76,6 +75,30 @@ def test_stats_are_the_synthetic_training_sets_channel_statistics(trained_repo, 
     # and those are the statistics of the batches conftest wrote, not of whatever the stage happened to read
     data = [batch["data"] for name, batch in synthetic_batches().items() if name.startswith("data_batch")]
     assert images.reshape(600, -1).tolist() == [row for batch in data for row in batch.tolist()]
+
+
+def test_with_a_validation_split_the_stats_are_those_of_the_images_trained_on(data_repo, tmp_path, stage):
+    """train.validation_images 100: data/stats.json is the statistics of the 500 images the train stage trains
+    on (its split, fit.split_data), says how many, and a rerun writes the same bytes; the held-out images would
+    have changed them. Back to no split, the 600 images' statistics, byte for byte as before."""
+    from cifar.fit import split_data
+
+    repo = copy_repo(data_repo.repo, tmp_path / "repo")
+    images, labels = load_split(repo / "data/cifar-10-batches-py", "train")
+    set_params(repo, train__validation_images=100)
+    ran = stage(repo, "stats")
+    assert ran.code == 0 and ran.out.startswith("500 training images (100 held out): mean "), ran.output
+    written = (repo / "data/stats.json").read_bytes()
+    (trained_on, _), _, _ = split_data(recipe(validation_images=100), 10)  # in repo: the stage left us there
+    kept, _ = hold_out(labels, 100, 10)
+    assert torch.equal(trained_on, images[kept])
+    mean, std = channel_stats(trained_on)
+    assert json.loads(written) == {"mean": mean, "std": std, "num_images": 500}
+    assert channel_stats(images) != (mean, std)
+    assert stage(repo, "stats").code == 0 and (repo / "data/stats.json").read_bytes() == written  # exact rerun
+    set_params(repo, train__validation_images=0)
+    assert stage(repo, "stats").code == 0
+    assert (repo / "data/stats.json").read_bytes() == (data_repo.repo / "data/stats.json").read_bytes()
 
 
 def numbers(values, prefix=""):
@@ -147,13 +170,14 @@ def test_a_validation_split_holds_images_out_of_training_and_leaves_the_test_set
     """train.validation_images 100: 10 images of each class leave the training set; no training batch is
     drawn from them, every epoch is scored on them (curves validation/*), and the train stage never reads the
     test batch: evaluate scores it, once."""
-    from cifar import fit
+    from cifar import data, fit
 
     repo = copy_repo(data_repo.repo, tmp_path / "repo")
     set_params(repo, train__validation_images=100)
     read, handed, batches = [], {}, []
-    load_split = fit.load_split
-    monkeypatch.setattr(fit, "load_split", lambda folder, split: read.append(split) or load_split(folder, split))
+    load_split = data.load_split
+    for module in (data, fit):  # data.training_split reads the training batches, fit the test batch
+        monkeypatch.setattr(module, "load_split", lambda folder, split: read.append(split) or load_split(folder, split))
     on_device = fit.Data.on_device
     monkeypatch.setattr(fit.Data, "on_device", lambda train, monitor, *rest: handed.update(
         train=train, monitor=monitor) or on_device(train, monitor, *rest))
@@ -194,10 +218,9 @@ def test_a_narrow_model_trains_on_an_odd_batch(data_repo, tmp_path):
     2 threads (the crash needs 2 or more), it trains."""
     repo = copy_repo(data_repo.repo, tmp_path / "repo")
     set_params(repo, train__batch_size=59, train__epochs=1, train__precision="fp32")
-    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=repo, env={**env(), "OMP_NUM_THREADS": "2"},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
-    assert "saved models/model.pt" in result.stdout and (repo / "models/model.pt").is_file()
+    code, out, err = call(repo, sys.executable, "-m", "stages.train", OMP_NUM_THREADS="2")
+    assert code == 0, (code, err[-2000:])
+    assert "saved models/model.pt" in out and (repo / "models/model.pt").is_file()
 
 
 def test_images_per_second_count_the_training_time_alone():

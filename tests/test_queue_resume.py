@@ -2,23 +2,15 @@
 an uninterrupted run: DVC discards the temporary copy a queued run trains in, so its checkpoint lives in the
 original repository (.dvc/tmp/checkpoints, named by the run's fingerprint)."""
 import signal
-import subprocess
-import sys
-import time
 
 import psutil
 import torch
-from dvcrepo import copy_repo, dvc, env, experiment_refs, experiment_results, run, start_workers
-
-TIMEOUT = 900  # seconds: generous, for a loaded machine
+from deadlines import WAIT_S, wait_until
+from dvcrepo import copy_repo, dvc, experiment_refs, experiment_results, run, start_workers, stop_queue
 
 
 def wait(condition, what):
-    deadline = time.monotonic() + TIMEOUT
-    while not (found := condition()):
-        assert time.monotonic() < deadline, f"no {what} after {TIMEOUT} s"
-        time.sleep(0.2)
-    return found
+    return wait_until(condition, WAIT_S, what, interval=0.2)
 
 
 def saved_epoch(checkpoints):
@@ -59,9 +51,8 @@ def test_a_queued_experiment_stopped_mid_training_resumes_when_queued_again(data
         dvc(repo, "exp", "run", "--queue", "-n", "again")
         start_workers(repo, tmp_path / "again.log", jobs=1)
         wait(lambda: "again" in experiment_refs(repo), "finished experiment")
-    finally:  # the workers run in the background: stop them, and any task they left running
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo, env=env(),
-                       capture_output=True, timeout=120)
+    finally:
+        stop_queue(repo)
     assert f"resuming from {checkpoint} after epoch {epoch}/3" in dvc(repo, "queue", "logs", "again")
     assert experiment_results(repo, experiment_refs(repo)["again"]) == trained_repo.results
     assert not checkpoint.exists()  # done: the same experiment queued once more trains afresh

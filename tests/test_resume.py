@@ -41,8 +41,8 @@ def run_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change", ["a batch", "the test batch", "stats", "code", "device type", "train param",
-                                    "model param", "resolved precision"])
-def test_the_fingerprint_changes_with_data_stats_code_device_and_recipe(run_folder, change):
+                                    "model param", "resolved precision", "torch", "cuda", "cudnn"])
+def test_the_fingerprint_changes_with_data_stats_code_device_recipe_and_versions(run_folder, change, monkeypatch):
     before = fingerprint(MODEL, RECIPE, CPU)
     model, train, device = MODEL, RECIPE, CPU
     if change == "a batch":
@@ -59,8 +59,11 @@ def test_the_fingerprint_changes_with_data_stats_code_device_and_recipe(run_fold
         train = changed(RECIPE, max_lr=0.02)
     elif change == "model param":
         model = {**MODEL, "widths": [32, 64, 128, 256]}
-    else:  # `auto` resolved to bf16 on one GPU and fp16 on another (compute capability 7.x)
+    elif change == "resolved precision":  # `auto` resolved to bf16 on one GPU and fp16 on another (capability 7.x)
         before, train = fingerprint(MODEL, changed(RECIPE, precision="bf16"), CPU), changed(RECIPE, precision="fp16")
+    else:  # another version of one library whose kernels compute the run (a node installed apart)
+        this = resume.versions()
+        monkeypatch.setattr(resume, "versions", lambda: {**this, change: "another"})
     assert fingerprint(model, train, device) != before
 
 
@@ -90,7 +93,7 @@ def test_the_train_stage_fingerprints_the_precision_its_device_resolves(monkeypa
     monkeypatch.setattr(train_stage, "read_classes", lambda folder: ["a", "b"])
     monkeypatch.setattr(train_stage, "split_data", lambda recipe, num_classes: None)
     handed = []
-    monkeypatch.setattr(train_stage, "fit", lambda model_params, recipe, *rest, split, tta: handed.append(recipe))
+    monkeypatch.setattr(train_stage, "fit", lambda model_params, recipe, *rest, split: handed.append(recipe))
     for native in ["bf16", "fp16"]:  # the first native precision of each GPU generation
         monkeypatch.setattr(train_stage, "resolve_precision", lambda asked, device, native=native: native)
         train_stage.main([])
@@ -119,7 +122,9 @@ def test_the_fingerprint_ignores_the_order_of_the_model_keys_and_needs_a_resolve
 
 def test_the_fingerprint_names_each_data_and_code_file_by_its_path_in_the_repository(run_folder):
     found = fingerprint(MODEL, RECIPE, CPU)
-    assert set(found) == {"params", "device", "data", "code"} and found["device"] == "cpu"
+    assert set(found) == {"params", "device", "data", "code", "versions"} and found["device"] == "cpu"
+    assert found["versions"] == resume.versions() == {"torch": torch.__version__, "cuda": torch.version.cuda,
+                                                      "cudnn": torch.backends.cudnn.version()}
     assert set(found["data"]) == {"data/cifar-10-batches-py/data_batch_1", "data/cifar-10-batches-py/test_batch",
                                   "data/stats.json"}
     assert set(found["code"]) == {"train.py", "training.py"}
@@ -131,14 +136,17 @@ def tiny_trainer(device=CPU):
 
 
 def test_a_checkpoint_written_by_other_versions_of_torch_starts_afresh_naming_them(tmp_path, capsys):
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, "run", Progress(3, finished=1), tiny_trainer())
-    assert load_checkpoint(path, "run", tiny_trainer()).finished == 1  # the same versions: it resumes
+    """Its fingerprint holds the versions too, and differs: the message says which versions, not 'other
+    params, data or code'."""
+    path, run = tmp_path / "checkpoint.pt", {"params": "p", "versions": resume.versions()}
+    save_checkpoint(path, run, Progress(3, finished=1), tiny_trainer())
+    assert load_checkpoint(path, run, tiny_trainer()).finished == 1  # the same versions: it resumes
     state = torch.load(path, weights_only=True)
     state["versions"] = {"torch": "2.3.1+cu121", "cuda": "12.1", "cudnn": 8902}
+    state["fingerprint"] = {**run, "versions": state["versions"]}
     torch.save(state, path)
     capsys.readouterr()
-    assert load_checkpoint(path, "run", tiny_trainer()) is None
+    assert load_checkpoint(path, run, tiny_trainer()) is None
     this = resume.versions()
     assert capsys.readouterr().out == (
         f"{path}: written by torch 2.3.1+cu121 (CUDA 12.1, cuDNN 8902), but this is torch {torch.__version__} "

@@ -4,15 +4,15 @@ Each stage runs once as its own process (`python -m stages.X`, as DVC runs it) o
 real exit status and stderr; the other cases call the same entry point (workspace.run around the stage's
 main) in this process, which is what the subprocess would run, without starting Python and torch again."""
 import hashlib
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from deadlines import finish_all
+from dvcrepo import call, start
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,11 +36,10 @@ def set_param(workdir, section, key, value):
 def stage_processes(workdir, stages):
     """`python -m stages.<stage>` in workdir for each stage, as DVC runs it, all at once: {stage: (exit status,
     stderr)}."""
-    processes = {stage: subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, text=True,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "CUDA_VISIBLE_DEVICES": ""})
-                 for stage in stages}
-    return {stage: (p.wait(timeout=120), p.communicate()[1].strip()) for stage, p in processes.items()}
+    processes = [start(workdir, sys.executable, "-m", f"stages.{stage}", PYTHONDONTWRITEBYTECODE="1")
+                 for stage in stages]
+    return {stage: (code, err.strip()) for stage, (code, _, err) in
+            zip(stages, finish_all(processes, 120, f"the stages {', '.join(stages)} at once"))}
 
 
 @pytest.fixture
@@ -136,6 +135,5 @@ def test_evaluate_on_a_damaged_or_incompatible_checkpoint(workdir, checkpoint, p
 def test_a_stage_on_an_older_python_says_so_in_one_line(workdir):
     """Python 3.10 stood in for by its version number: the package refuses before a 3.11-only module loads."""
     code = "import sys; sys.version_info = (3, 10, 12, 'final', 0); import runpy; runpy.run_module('stages.train')"
-    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr == "error: this project needs Python 3.11 or newer; this is " \
-                                                       "Python 3.10.12\n", result.stderr
+    status, _, err = call(workdir, sys.executable, "-c", code)
+    assert status == 1 and err == "error: this project needs Python 3.11 or newer; this is Python 3.10.12\n", err
