@@ -7,11 +7,13 @@ import torch
 
 from .params import Section, one_of
 
+TTA_MODES = ("none", "flip", "flip_translate")  # tta_views' modes, cheapest first
+
 
 class EvaluateParams(Section):
     """The `evaluate` section: the test-time augmentation the evaluate stage scores with (tta_views)."""
     section = "evaluate"
-    tta: one_of("none", "flip", "flip_translate")
+    tta: one_of(*TTA_MODES)
 
 
 def reflect_pad(images, pad):

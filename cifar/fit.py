@@ -10,7 +10,8 @@ from torchsummary import summary
 from tqdm import tqdm
 
 from . import devices, distributed
-from .data import hold_out, load_split
+from .augment import TTA_MODES
+from .data import load_split, training_split
 from .live import log_epoch, open_log
 from .model import count_parameters, save_model
 from .resume import Progress, StopSignals, checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
@@ -31,12 +32,11 @@ from .workspace import (
 LONG_CPU_RUN_S = 3600  # past this estimate on a CPU, point to the quick run
 
 
-def fit(model_params, recipe, system, model, stats, classes, device, claim, node=0, trial=None, *, split,
-        tta="none"):
+def fit(model_params, recipe, system, model, stats, classes, device, claim, node=0, trial=None, *, split):
     """Train `model` by `recipe` (its precision resolved) on `device` with the data `split` (split_data), as
     one rank of node `node` under torchrun; the main rank writes the model and metrics. `trial`: the search
-    trial this run is (cifar.trial), or None. `tta`: evaluate.tta, with which the final model is also scored
-    on held-out validation images, once."""
+    trial this run is (cifar.trial), or None. With held-out validation images, the final model is also scored
+    on them once with every test-time augmentation (score_tta_modes), so evaluate.tta is chosen afterwards."""
     train, monitor, monitor_split = split
     run_fingerprint = fingerprint(model_params, recipe, device)
     # under torchrun: joins the process group, takes cuda:LOCAL_RANK, checks every node's fingerprint is node 0's
@@ -51,7 +51,8 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim, node
 
     # Build the run, or restore it from the checkpoint of an interrupted one
     trainer = make_trainer(model, recipe, context, system.compile, len(data.labels))
-    checkpoint = checkpoint_path(run_fingerprint)
+    # a search trial's own key: two trials of the same params at once never share (or resume) one file
+    checkpoint = checkpoint_path(run_fingerprint, trial.checkpoint_key if trial is not None else None)
     progress = restore(trainer, checkpoint, run_fingerprint, recipe, context)
     where = devices.describe(context.device, claim)
     print(f"training {num_params:,} parameters on {where} in {recipe.precision}"
@@ -68,30 +69,31 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim, node
     with open_log(context) as live, stopped, run_bar:
         for row in progress.history:  # the finished epochs' curves, as the interrupted run logged them
             log_epoch(live, row)
+            if trial is not None:  # and the study's values of them (a retried trial may have none)
+                trial.report(row["step"], row[f"{data.monitor_split}/acc"])
         for epoch in range(progress.finished + 1, recipe.epochs + 1):
             row = train_and_score(trainer, data, recipe, context, progress, epoch)
             log_epoch(live, row)
             run_bar.update()
-            if trial is not None:  # a search's trial: report the epoch, stop if the study's pruner says so
-                try:
-                    trial.after_epoch(epoch, recipe.epochs, row[f"{data.monitor_split}/acc"])
-                except Pruned:  # never run again, unlike a killed trial: nothing to resume
-                    checkpoint.unlink(missing_ok=True)
-                    raise
             progress.wall_seconds = wall_before + time.perf_counter() - start
             if epoch == progress.first_epoch:
                 estimate(progress, recipe, context.device)
             with stopped.deferred():  # a signal now waits until this epoch is saved
                 if context.is_main:
                     save_checkpoint(checkpoint, run_fingerprint, progress, trainer)
+            # a search's trial: report the epoch once it is saved (a trial stopped after reporting it resumes
+            # after it), and stop if the study's pruner says so
+            if trial is not None:
+                try:
+                    trial.after_epoch(epoch, recipe.epochs, row[f"{data.monitor_split}/acc"])
+                except Pruned:  # never run again, unlike a killed trial: nothing to resume
+                    checkpoint.unlink(missing_ok=True)
+                    raise
         progress.wall_seconds = wall_before + time.perf_counter() - start
         live.log_metric(f"best_{data.monitor_split}_acc", progress.best_acc, plot=False)
         if data.monitor_split == "validation" and context.is_main:
-            # the search's objective (tools.search): the final model on the held-out images with evaluate.tta,
-            # once, so the TTA is chosen without the test set; the curves stay without it
-            live.log_metric("validation/acc_with_tta", score(trainer.result, data.monitor_images, data.monitor_labels,
-                                                             data.normalize, recipe.batch_size, recipe.precision,
-                                                             tta)[1].item(), plot=False)
+            for mode, accuracy in score_tta_modes(trainer.result, data, recipe).items():
+                live.log_metric(f"validation/acc_with_tta/{mode}", accuracy, plot=False)
         live.summary["device"] = where  # which GPU (or the CPU) trained it, beside the last epoch's values
 
     # The run's metrics and the model
@@ -103,6 +105,14 @@ def fit(model_params, recipe, system, model, stats, classes, device, claim, node
     split = data.monitor_split
     print(f"final {split} acc {progress.history[-1][f'{split}/acc']:.4f}, best {progress.best_acc:.4f}, "
           f"{progress.wall_seconds:.0f} s; saved {MODEL_FILE}")
+
+
+def score_tta_modes(model, data, recipe):
+    """{TTA mode: the final model's accuracy on the held-out images with it}, every mode of evaluate.tta once:
+    what chooses the TTA without the test set and without training again (no training output depends on
+    evaluate.tta). 'none' is the last epoch's own validation accuracy."""
+    return {mode: score(model, data.monitor_images, data.monitor_labels, data.normalize, recipe.batch_size,
+                        recipe.precision, mode)[1].item() for mode in TTA_MODES}
 
 
 def read_stats():
@@ -119,14 +129,13 @@ def read_stats():
 
 def split_data(recipe, num_classes):
     """(training images and labels, the images every epoch is scored on, their name), every batch read and
-    checked. With train.validation_images > 0, those are held out of the training set (data.hold_out), training
-    never sees them, and the test set is not read at all: the evaluate stage scores it, once. Else, as in the
+    checked. With train.validation_images > 0, those are held out of the training set (data.training_split),
+    training never sees them, and the test set is not read at all: the evaluate stage scores it, once. Else, as in the
     study, every epoch is scored on the test set."""
-    images, labels = load_split(BATCHES_DIR, "train")
-    if not recipe.validation_images:
-        return (images, labels), load_split(BATCHES_DIR, "test"), "test"
-    kept, held = hold_out(labels, recipe.validation_images, num_classes)
-    return (images[kept], labels[kept]), (images[held], labels[held]), "validation"
+    train, held = training_split(BATCHES_DIR, recipe.validation_images, num_classes)
+    if held is None:
+        return train, load_split(BATCHES_DIR, "test"), "test"
+    return train, held, "validation"
 
 
 def restore(trainer, checkpoint, run_fingerprint, recipe, context):

@@ -5,10 +5,21 @@ code that wrote it) and the wiring test (dvc.yaml's code deps of each stage are 
 the project's own code that resolves to no file is an error, never skipped: skipping it would drop that code
 from both."""
 import ast
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 PACKAGES = ("cifar", "stages", "tools")  # the project's own top-level packages
+
+
+# CPython 3.11's ast.parse can fail when two threads parse at once ("SystemError: AST constructor recursion
+# depth mismatch"): tools.search's worker threads each check the training code before their trials
+_PARSING = threading.Lock()
+
+
+def parse(source, filename="<unknown>"):
+    with _PARSING:
+        return ast.parse(source, filename=filename)
 
 
 class UnresolvedImport(Exception):
@@ -37,7 +48,7 @@ def _defines(init, name):
     """Whether the package's __init__.py defines `name` at its top level (so `from pkg import name` takes it)."""
     if not init.is_file():
         return False
-    for node in ast.parse(init.read_text()).body:
+    for node in parse(init.read_text()).body:
         targets = [t for n in [node] if isinstance(n, (ast.Assign, ast.AnnAssign)) for t in
                    (n.targets if isinstance(n, ast.Assign) else [n.target])]
         names = {t.id for t in targets if isinstance(t, ast.Name)}
@@ -57,7 +68,7 @@ def imported_modules(path):
     path = Path(path).resolve()
     package = list(path.relative_to(ROOT).parent.parts)
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[:len(package) - node.level + 1]

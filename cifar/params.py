@@ -92,6 +92,28 @@ def parse_value(text):
     return yaml.load(text, Loader=_Loader)
 
 
+def format_value(value):
+    """A value as `dvc exp run -S` parses it (YAML), read back by parse_value as the same number: lists without
+    spaces, true/false, floats short (`0.0001`, `0`) where that is exact, else repr's digits (6 digits alone made
+    a proposal of 0.9999996 reach params.yaml as 1)."""
+    if isinstance(value, bool):  # YAML's own spelling, not Python's True/False
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if parse_value(short) == value else repr(value)
+    return str(value)
+
+
+def parse_override(text):
+    """`section.key=value` (a -S setting) as (key, value text), or a one-line error."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value or "." not in key:
+        raise UserError(f"-S {text!r}: expected section.key=value, e.g. -S train.epochs=5")
+    return key, value
+
+
 def load_yaml(path, missing="not found"):
     """A YAML file read by the stages' rules; a missing or broken one is a one-line error naming it."""
     path = Path(path)

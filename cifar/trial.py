@@ -1,6 +1,7 @@
 """A search trial's side of `python -m tools.search` (docs/experiments.md, "Searching the design space"): the
-train stage of an experiment that an Optuna study proposed reports each epoch's validation accuracy to the study,
-and stops when the study's pruner says the trial is behind. tools.search names the trial in the environment
+train stage of an experiment that an Optuna study proposed reports each epoch's validation accuracy to the study
+(the run's model, its EMA when on, without TTA: the measure the objective takes at the last epoch), and stops when
+the study's pruner says the trial is behind on it. tools.search names the trial in the environment
 (TRIAL_ENV); a run without it is an ordinary run and never imports Optuna.
 
 Only Optuna's public storage and pruner interfaces are used: the worker that asked for the trial owns it (its
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .workspace import UserError
 
-TRIAL_ENV = "CIFAR_SEARCH_TRIAL"  # JSON: storage URL, study name, trial number, pruner, the worker's pid
+TRIAL_ENV = "CIFAR_SEARCH_TRIAL"  # JSON: storage URL, study name, trial number, checkpoint key, pruner, worker pid
 PRUNED_ATTR = "pruned_after_epoch"  # the user attribute that tells the worker its trial was pruned, not broken
 WATCH_INTERVAL_S = 1.0
 
@@ -51,17 +52,23 @@ class SearchTrial:
         self.study = optuna.load_study(study_name=self.study_name, storage=self.storage,
                                        pruner=make_pruner(**spec["pruner"]))
         self.id = trial_id(self.storage, self.study_name, self.number)
+        # the trial and its retries (same params) share it; two trials at once never do (resume.checkpoint_path)
+        self.checkpoint_key = spec["checkpoint"]
         watch_worker(spec["worker_pid"])
+
+    def report(self, epoch, accuracy):
+        """The epoch's validation accuracy, as the study's intermediate value of this trial at that step."""
+        self.storage.set_trial_intermediate_value(self.id, epoch, accuracy)
 
     def after_epoch(self, epoch, epochs, accuracy):
         """Report the epoch's accuracy; raise Pruned when the pruner says stop (never after the last epoch:
         the trial is then finished)."""
-        self.storage.set_trial_intermediate_value(self.id, epoch, accuracy)
+        self.report(epoch, accuracy)
         if epoch < epochs and self.study.pruner.prune(self.study, self.storage.get_trial(self.id)):
             self.storage.set_trial_user_attr(self.id, PRUNED_ATTR, epoch)
             raise Pruned(f"search trial {self.number} of '{self.study_name}' pruned after epoch {epoch}/{epochs}: "
-                         f"validation accuracy {accuracy:.4f} is below the median of the finished trials' at "
-                         "that epoch")
+                         f"validation accuracy {accuracy:.4f} (its model, EMA when on, without TTA) is below the "
+                         "median of the finished trials' at that epoch")
 
 
 def search_trial(recipe):

@@ -9,7 +9,6 @@ import sys
 import torch
 
 from cifar import devices, distributed
-from cifar.augment import EvaluateParams
 from cifar.data import read_classes
 from cifar.fit import fit, read_stats, split_data
 from cifar.model import ModelParams, build_model
@@ -36,7 +35,7 @@ def main(argv=None):
 
 
 def run(argv):
-    params = load_params(ModelParams, Recipe, devices.System, EvaluateParams)
+    params = load_params(ModelParams, Recipe, devices.System)  # never evaluate.tta: chosen after training
     recipe, system = Recipe.from_params(params), devices.System(**params["system"])
     node = distributed.node_rank(argv, recipe)
     torch.manual_seed(recipe.seed)
@@ -56,7 +55,7 @@ def run(argv):
         distributed.launch(recipe, system, node, "stages.train", devices.launch_environment(claim))
     else:
         fit(params["model"], recipe, system, model, stats, classes, device, claim, node, search_trial(recipe),
-            split=split, tta=params["evaluate"]["tta"])
+            split=split)
 
 
 if __name__ == "__main__":

@@ -110,9 +110,11 @@ def test_the_tables_of_every_run_and_of_the_variants_cell_by_cell():
 
 
 def ladder_rows(prefix, rungs, validation=True):
-    """tools.sweep's ablation names over seeds: (index, trick, test accuracy of seed 0, seeds)."""
+    """tools.sweep's ablation names over seeds: (index, trick, test accuracy of seed 0, seeds); a later rung's
+    validation accuracy gains more at seed 1 than at seed 0, so that its runs' differences vary."""
     return [{**row(f"{prefix}ablation-{i}-{trick}-s{k}", f"{prefix}{i}{k}", acc + 0.01 * k),
-             "without_tta.accuracy": acc - 0.01, **({"validation.acc": acc + 0.02 + 0.005 * k} if validation else {})}
+             "without_tta.accuracy": acc - 0.01,
+             **({"validation.acc": acc + 0.02 + 0.005 * k + 0.002 * k * i} if validation else {})}
             for i, trick, acc, seeds in rungs for k in range(seeds)]
 
 
@@ -121,17 +123,19 @@ def test_the_ablation_table_cell_by_cell():
             + ladder_rows("t-", [(0, "study", 0.80, 1), (2, "ema", 0.79, 1)], validation=False)
             + ladder_rows("one-", [(0, "study", 0.80, 1)]))
     ladders = compare.ablations(compare.variant_groups(compare.experiments(rows)[0]))
-    # the gains in validation accuracy: +2.00 over a SE of 0.35 is real (t = 5.66 on df = 2: p = 0.030); one
-    # seed's gain has no noise estimate
+    # the gains in validation accuracy, paired by seed: rung 1 gains 2.0 and 2.2 points, mean 2.1, s_d = 0.14, SE =
+    # 0.1, t = 21 on df = 1: p = 1 - 2 atan(21) / pi = 0.030, real; rung 2 has seed 0 alone (Welch's): no noise
+    # estimate
     assert compare.ablation_table(ladders[""]) == (
         "| rung | adds | n | validation accuracy | gain in validation accuracy (points) | test accuracy "
         "| test without TTA | train time (s) |\n"
         "|---|---|---|---|---|---|---|---|\n"
         "| 0 | study | 2 | 82.25 ± 0.35 % (n = 2, 82.00–82.50) | – | 80.50 ± 0.71 % (n = 2, 80.00–81.00) "
         "| 79.00 ± 0.00 % (n = 2, 79.00–79.00) | 10 |\n"
-        "| 1 | flip | 2 | 84.25 ± 0.35 % (n = 2, 84.00–84.50) | +2.00 ± 0.35 (t = 5.66, df = 2.0, p = 0.03: real) "
+        "| 1 | flip | 2 | 84.35 ± 0.49 % (n = 2, 84.00–84.70) "
+        "| +2.10 ± 0.10 (paired t-test: t = 21.00, df = 1.0, p = 0.03: real) "
         "| 82.50 ± 0.71 % (n = 2, 82.00–83.00) | 81.00 ± 0.00 % (n = 2, 81.00–81.00) | 10 |\n"
-        "| 2 | ema | 1 | 83.50 % (n = 1) | -0.75 (n = 1: noise unknown) | 81.50 % (n = 1) | 80.50 % (n = 1) | 10 |\n")
+        "| 2 | ema | 1 | 83.50 % (n = 1) | -0.85 (n = 1: noise unknown) | 81.50 % (n = 1) | 80.50 % (n = 1) | 10 |\n")
     # without validation images the gains are in test accuracy; rung 1 has no results: 2's gain is over 0's
     assert compare.ablation_table(ladders["t-"]) == (
         "| rung | adds | n | test accuracy | gain in test accuracy (points) | test accuracy | test without TTA "
@@ -149,27 +153,50 @@ def test_runs_of_one_name_in_two_commits_are_two_variants_never_pooled():
     rows = [{"rev": "master", "typ": "baseline", "Experiment": None},
             row("final-s0", "aaa0001", 0.80), row("final-s1", "aaa0002", 0.82),
             {"rev": "1234abc", "typ": "baseline", "Experiment": None},
-            row("final-s0", "bbb0001", 0.70), row("final-s1", "bbb0002", 0.72), row("wide", "bbb0003", 0.75)]
+            row("final-s0", "bbb0001", 0.70), row("final-s1", "bbb0002", 0.73), row("wide", "bbb0003", 0.75)]
     records, _ = compare.experiments(rows)
     assert [r["name"] for r in records] == ["final-s0@master", "final-s1@master", "final-s0@1234abc",
                                             "final-s1@1234abc", "wide@1234abc"]
     groups = {g["variant"]: g for g in compare.variant_groups(records)}
     assert set(groups) == {"final@master", "final@1234abc", "wide@1234abc"}
     assert groups["final@master"]["accuracy"].mean == pytest.approx(0.81)
-    assert groups["final@1234abc"]["accuracy"].mean == pytest.approx(0.71)
-    # the reference is HEAD's final; the older commit's final is compared with it, not pooled into it
+    assert groups["final@1234abc"]["accuracy"].mean == pytest.approx(0.715)
+    # the reference is HEAD's final; the older commit's final is compared with it seed by seed (-10 and -9
+    # points: SE 0.5, t = -19 on df = 1, p = 0.033), not pooled into it
     table = compare.variants_table(list(groups.values()), "final")
-    assert "| final@1234abc | 2 |" in table and "| -10.00 ± 1.41 (t = -7.07, df = 2.0, p = 0.019: real) |" in table
+    assert "| final@1234abc | 2 |" in table
+    assert "| -9.50 ± 0.50 (paired t-test: t = -19.00, df = 1.0, p = 0.033: real) |" in table
     # one commit alone: the names stay as they are
     assert [r["name"] for r in compare.experiments(rows[:3])[0]] == ["final-s0", "final-s1"]
 
 
 def test_the_validation_accuracy_is_scored_with_the_runs_tta_as_the_test_accuracy_is():
-    # tuned-s0 logged both scores (its TTA's and the plain one); final-s0 ran before the TTA score was logged
-    rows = [{**row("tuned-s0", "aaa1111", 0.82), "validation.acc": 0.83, "validation.acc_with_tta": 0.845},
+    # the train stage scores every TTA mode; tuned-s0's evaluate.tta picks its own. old-s0 logged its TTA's
+    # score alone (before every mode was scored), final-s0 none (before any TTA score was logged)
+    modes = {"validation.acc_with_tta.none": 0.83, "validation.acc_with_tta.flip": 0.84,
+             "validation.acc_with_tta.flip_translate": 0.845}
+    rows = [{**row("tuned-s0", "aaa1111", 0.82), "validation.acc": 0.83, "evaluate.tta": "flip_translate", **modes},
+            {**row("flip-s0", "ccc1111", 0.82), "validation.acc": 0.83, "evaluate.tta": "flip", **modes},
+            {**row("old-s0", "ddd1111", 0.82), "validation.acc": 0.83, "evaluate.tta": "flip",
+             "validation.acc_with_tta": 0.835},
             {**row("final-s0", "bbb1111", 0.81), "validation.acc": 0.83}]
-    (tuned, final), _ = compare.experiments(rows)
+    (tuned, flip, old, final), _ = compare.experiments(rows)
     assert (tuned["validation_accuracy"], tuned["validation_accuracy_without_tta"]) == (0.845, 0.83)
+    assert flip["validation_accuracy"] == 0.84 and old["validation_accuracy"] == 0.835
     assert (final["validation_accuracy"], final["validation_accuracy_without_tta"]) == (0.83, 0.83)
     table = compare.variants_table(compare.variant_groups([tuned, final]), "final")
     assert "| 82.00 % (n = 1) | 84.50 % (n = 1) |" in table and "| 81.00 % (n = 1) | 83.00 % (n = 1) |" in table
+
+
+def test_the_variants_table_pairs_runs_by_seed_where_it_can_and_names_the_test():
+    # the tuned confirmation's test accuracies (docs/results.md): tuned's seeds 0..2 pair up with final's, and
+    # each seed gains 1.14, 1.64, 1.54 points: d's mean 1.44, s_d = 0.265, SE = 0.153, t = 9.43 on df = 2.
+    # late ran other seeds (1..3): Welch's t-test, SE = sqrt(0.32² / 3 + 0.47² / 3) = 0.33, on 3.5 df
+    final, tuned = [0.8150, 0.8186, 0.8122], [0.8264, 0.8350, 0.8276]
+    rows = ([row(f"final-s{k}", f"f{k}", v) for k, v in enumerate(final)]
+            + [row(f"tuned-s{k}", f"t{k}", v) for k, v in enumerate(tuned)]
+            + [row(f"late-s{k + 1}", f"l{k}", v) for k, v in enumerate(tuned)])
+    table = compare.variants_table(compare.variant_groups(compare.experiments(rows)[0]), "final")
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[9] for line in table.splitlines()[2:]}
+    assert cells == {"tuned": "+1.44 ± 0.15 (paired t-test: t = 9.43, df = 2.0, p = 0.011: real)",
+                     "late": "+1.44 ± 0.33 (Welch's t-test: t = 4.41, df = 3.5, p = 0.015: real)", "final": "–"}

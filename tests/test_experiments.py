@@ -124,11 +124,11 @@ def test_the_report_groups_seeds_into_their_variant_with_mean_std_and_range():
                         "validation accuracy | test Δ vs final (points) | train time (s) |")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
     assert list(rows) == ["tuned", "final", "under-1m"]  # best mean test accuracy first
-    # tuned: 83.50 ± 0.71 over 2; against final's 82.09 ± 0.48 over 3: +1.41, SE sqrt(.5/2 + .2313/3) = 0.57,
-    # t = 2.46 on Welch's df = 1.6: p = 0.16, noise (the 2·SE rule called it real)
+    # tuned: 83.50 ± 0.71 over 2; against final's 82.09 ± 0.48 over 3 (seeds that do not pair up: Welch's):
+    # +1.41, SE sqrt(.5/2 + .2313/3) = 0.57, t = 2.46 on df = 1.6: p = 0.16, noise (the 2·SE rule called it real)
     assert rows["tuned"] == ("| tuned | 2 | [2, 1, 1, 1] | [16, 32, 64, 128] | 0.0001 | 15 | 313,498 | "
-                             "83.50 ± 0.71 % (n = 2, 83.00–84.00) | – | +1.41 ± 0.57 (t = 2.46, df = 1.6, p = 0.16: "
-                             "within noise) | 65 |")
+                             "83.50 ± 0.71 % (n = 2, 83.00–84.00) | – | +1.41 ± 0.57 (Welch's t-test: t = 2.46, "
+                             "df = 1.6, p = 0.16: within noise) | 65 |")
     assert "| 82.09 ± 0.48 % (n = 3, 81.54–82.41) | – | – |" in rows["final"]
     assert "| 70.00 % (n = 1) | – | -12.09 (n = 1: noise unknown) |" in rows["under-1m"]  # a single run: no ±
 
@@ -152,12 +152,12 @@ def test_the_ablation_report_gives_each_rung_and_its_gain_over_the_rung_before_i
     table = ablation_table(rungs).splitlines()
     assert table[0].startswith("| rung | adds | n | validation accuracy | gain in validation accuracy (points) | "
                                "test accuracy |")
-    # rung 1 over rung 0: +4.50, SE sqrt(0.01414² / 2 + 0.00707² / 2) = 1.118 points, t = 4.02 on Welch's
-    # df = (1 + 0.25)² / (1 + 0.0625) = 1.47: p = 0.092, within noise at two seeds a side
-    assert table[3] == ("| 1 | sgd-nesterov | 2 | 79.50 ± 0.71 % (n = 2, 79.00–80.00) | +4.50 ± 1.12 (t = 4.02, "
-                        "df = 1.5, p = 0.092: within noise) | 79.50 ± 0.71 % (n = 2, 79.00–80.00) | "
+    # rung 1 over rung 0, paired by seed: +5 and +4 points, s_d = 0.707, SE = 0.5, t = 9 on df = 1:
+    # p = 1 - 2 atan(9) / pi = 0.070, within noise at two seeds
+    assert table[3] == ("| 1 | sgd-nesterov | 2 | 79.50 ± 0.71 % (n = 2, 79.00–80.00) | +4.50 ± 0.50 (paired "
+                        "t-test: t = 9.00, df = 1.0, p = 0.07: within noise) | 79.50 ± 0.71 % (n = 2, 79.00–80.00) | "
                         "79.50 ± 0.71 % (n = 2, 79.00–80.00) | 60 |")
-    assert "| +0.00 ± 0.50 (t = 0.00, df = 1.0, p = 1: within noise) |" in table[4]
+    assert "| +0.00 ± 0.50 (paired t-test: t = 0.00, df = 1.0, p = 1: within noise) |" in table[4]
     single = ablation_table(ladders["s1-"]).splitlines()  # no validation split there: chosen by test accuracy
     assert single[0].startswith("| rung | adds | n | test accuracy | gain in test accuracy (points) |")
     assert single[3].startswith("| 7 | flip-translate-tta | 1 | 80.00 % (n = 1) | +6.00 (n = 1: noise unknown) "
@@ -166,19 +166,25 @@ def test_the_ablation_report_gives_each_rung_and_its_gain_over_the_rung_before_i
     assert (tmp_path / "ablation.png").read_bytes().startswith(PNG)
     assert (tmp_path / "ablation-s1.png").read_bytes().startswith(PNG)
     report = (tmp_path / "ablation.md").read_text()
-    assert "| 1 | sgd-nesterov | 2 |" in report and "real when Welch's two-sided t-test over seeds gives p < 0.05" \
-        in report
+    assert "| 1 | sgd-nesterov | 2 |" in report and "real when a two-sided t-test over seeds gives p < 0.05: the " \
+        "paired t-test where both variants ran the same seeds" in report
     assert "![ablation](ablation.png)" in report
 
 
 def test_sweep_seeds_queue_every_variant_once_per_seed_under_recognisable_names(fresh, call):
-    code, output = call(fresh, "tools.sweep", "--only", "final", "tuned", "--seeds", "0", "1", "2", "--dry-run")
+    code, output = call(fresh, "tools.sweep", "--only", "final", "tuned", "--seeds", "1", "2", "3", "--dry-run")
     lines = output.strip().splitlines()
     assert code == 0 and len(lines) == 6, output
     names = [line.split(" -n ")[1].split()[0] for line in lines]
-    assert names == ["final-s0", "final-s1", "final-s2", "tuned-s0", "tuned-s1", "tuned-s2"]
-    for line, seed in zip(lines, [0, 1, 2] * 2):
+    assert names == ["final-s1", "final-s2", "final-s3", "tuned-s1", "tuned-s2", "tuned-s3"]
+    for line, seed in zip(lines, [1, 2, 3] * 2):
         assert line.endswith(f" -S train.seed={seed}")
+    # seed 0's tuned run would be the search's selected trial again: refused, nothing printed
+    code, output = call(fresh, "tools.sweep", "--only", "final", "tuned", "--seeds", "0", "1", "2", "--dry-run")
+    assert code == 1 and output.strip() == ("error: --seeds 0 1 2: tuned's run at seed 0 is its search's selected "
+                                            "trial again (the search trained at train.seed 0): confirm it over seeds "
+                                            "the search never trained, the same for every variant so that the runs "
+                                            "pair up, e.g. --seeds 1 2 3"), output
     assert {variant_of(name) for name in names} == {"final", "tuned"}  # compare groups them back
     code, output = call(fresh, "tools.sweep", "--seeds", "1", "1", "--dry-run")
     assert code == 1 and "error: --seeds 1 1: must be different integers >= 0" in output
@@ -319,7 +325,7 @@ def test_compare_draws_accuracy_against_size_and_the_curves_and_tabulates_best_f
         assert (out / name).read_bytes().startswith(PNG), name
     report = (out / "experiments.md").read_text()
     assert report.startswith("## Variants: mean ± standard deviation over seeds")
-    assert "Welch's two-sided t-test" in report
+    assert "the paired t-test where both variants ran the same seeds" in report and "else Welch's" in report
     table = report.split("## Every run\n\n")[1].splitlines()
     assert table[0].startswith("| experiment | rev | blocks | widths |") and len(table) == 5
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table[2:]}

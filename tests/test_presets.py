@@ -2,7 +2,11 @@
 shows here rather than only in the expressions that build the commands."""
 from pathlib import Path
 
-from tools.sweep import TRICKS, TUNED, ladder, study, variants
+import pytest
+
+from cifar.workspace import UserError
+from tools import sweep
+from tools.sweep import SEARCHED, TRICKS, TUNED, ladder, planned, study, variants
 
 STUDY = study(Path(__file__).resolve().parent.parent / "params.yaml")
 
@@ -52,3 +56,37 @@ def test_the_ladders_last_rung_has_every_trick():
                                  "train.flip", "train.ema_decay", "train.cutout", "evaluate.tta"]} == {
         "train.optimizer": "sgd", "train.max_lr": 0.2, "train.weight_decay": 0.0005, "train.label_smoothing": 0.2,
         "train.flip": "alternating", "train.ema_decay": 0.99, "train.cutout": 8, "evaluate.tta": "flip_translate"}
+
+
+def test_a_confirmation_of_tuned_never_runs_its_search_s_seed():
+    # both searches trained at train.seed 0: tuned-s0 would be the second search's trial 1, bit for bit
+    assert SEARCHED == {"tuned": 0}
+    found = variants(STUDY)
+    with pytest.raises(UserError, match=r"^--seeds 0 1 2: tuned's run at seed 0 is its search's selected trial"):
+        planned(["final", "tuned"], found, seeds=[0, 1, 2])
+    assert [name for name, _ in planned(["final", "tuned"], found, seeds=[1, 2, 3])] == [
+        "final-s1", "final-s2", "final-s3", "tuned-s1", "tuned-s2", "tuned-s3"]
+    # without tuned, or without --seeds (one run, not a confirmation), seed 0 is anyone's
+    assert [name for name, _ in planned(["final", "wd-1e-5"], found, seeds=[0, 1])] == [
+        "final-s0", "final-s1", "wd-1e-5-s0", "wd-1e-5-s1"]
+    assert [name for name, _ in planned(["tuned"], found)] == ["tuned"]
+    # a search's best (--best-of) at the seed its trials trained at
+    with pytest.raises(UserError, match=r"^--seeds 4 5: s-best's run at seed 4 .* e\.g\. --seeds 5 6$"):
+        planned(["final", "s-best"], {**found, "s-best": found["final"]}, seeds=[4, 5], searched={"s-best": 4})
+
+
+def test_a_search_s_best_is_never_confirmed_at_the_seed_its_trials_trained_at(monkeypatch, capsys, tmp_path):
+    # --best-of STUDY: the study's trials trained at params.yaml's train.seed (here 3) unless the space searched it
+    text = (Path(__file__).resolve().parent.parent / "params.yaml").read_text()
+    assert text.count("\n  seed: 0 ") == 1
+    (tmp_path / "params.yaml").write_text(text.replace("\n  seed: 0 ", "\n  seed: 3 "))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "best_of", lambda recipe, name, storage: {**recipe, "train.max_lr": 0.02})
+    with pytest.raises(UserError, match=r"^--seeds 2 3: s-best's run at seed 3 is its search's selected trial"):
+        sweep.main(["--best-of", "s", "--only", "final", "s-best", "--seeds", "2", "3", "--dry-run"])
+    sweep.main(["--best-of", "s", "--only", "final", "s-best", "--seeds", "0", "1", "--dry-run"])
+    assert [line.split()[5] for line in capsys.readouterr().out.splitlines()] == [
+        "final-s0", "final-s1", "s-best-s0", "s-best-s1"]
+    monkeypatch.setattr(sweep, "best_of", lambda recipe, name, storage: {**recipe, "train.seed": 7})
+    with pytest.raises(UserError, match=r"^--seeds 6 7: s-best's run at seed 7 "):
+        sweep.main(["--best-of", "s", "--only", "s-best", "--seeds", "6", "7", "--dry-run"])

@@ -1,6 +1,7 @@
-"""A search across machines (docs/experiments.md): two workers, each in its own clone of one commit, share a
-study on a real PostgreSQL server and together run exactly the trials asked for, none twice; their experiments
-reach a third clone through `dvc exp push`/`dvc exp pull` and are compared there.
+"""A search across machines (docs/experiments.md): two workers, each in its own clone of one commit, started
+together with the default flags, share a study on a real PostgreSQL server and together run exactly the trials
+asked for, none twice and no two with the same params; their experiments reach a third clone through
+`dvc exp push`/`dvc exp pull` and are compared there.
 
 The server is Debian's `postgresql` (.ci/run installs it): a throwaway cluster on a free local port, run as
 its own user. Without it this test skips locally and, with CI=true, fails."""
@@ -14,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from deadlines import finish_all
 from dvc.api import exp_show
 from dvcrepo import copy_repo, dvc, experiment_refs, run, start
 
@@ -65,16 +67,18 @@ def test_two_workers_share_a_postgresql_study_and_a_third_clone_compares_their_e
     origin, storage = tmp_path / "origin.git", tmp_path / "storage"
     run(tmp_path, "git", "clone", "-q", "--bare", str(data_repo.repo), str(origin))
     machines = [copy_repo(data_repo.repo, tmp_path / name) for name in ["machine-a", "machine-b"]]
-    workers = [start(repo, "python", "-m", "tools.search", str(space), "--study", "shared", "--trials", "3",
-                     "--storage", postgres, "--seed", str(seed), "--pruner", "none", "--heartbeat", "5",
-                     "-S", "train.validation_images=100")
-               for seed, repo in enumerate(machines)]
-    outputs = [w.communicate(timeout=900) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
+    # 8 trials, all in TPE's random start-up (10): where workers of one seed would propose the same ones
+    workers = [start(repo, "python", "-m", "tools.search", str(space), "--study", "shared", "--trials", "8",
+                     "--storage", postgres, "--pruner", "none", "--heartbeat", "5",
+                     "-S", "train.validation_images=100", "-S", "train.epochs=1")
+               for repo in machines]
+    outputs = finish_all(workers, 900, "two search workers on one PostgreSQL study")
+    assert [code for code, _, _ in outputs] == [0, 0], outputs
 
     study = optuna.load_study(study_name="shared", storage=postgres)
     finished = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(finished) == 3, [(t.number, t.state.name, t.user_attrs) for t in study.trials]
+    assert len(finished) == 8, [(t.number, t.state.name, t.user_attrs) for t in study.trials]
+    assert len({t.params["train.max_lr"] for t in finished}) == 8, [t.params for t in finished]  # no duplicates
     # no trial twice: each finished trial is one experiment, in one of the two clones
     refs = [experiment_refs(repo) for repo in machines]
     names = [name for found in refs for name in found]
@@ -90,7 +94,7 @@ def test_two_workers_share_a_postgresql_study_and_a_third_clone_compares_their_e
     dvc(comparer, "remote", "add", "--local", "-d", "origin", str(storage))
     dvc(comparer, "exp", "pull", "origin")
     output = run(comparer, "python", "-m", "tools.compare", "--out", str(tmp_path / "report"))
-    assert "compared 3 experiment(s)" in output, output
+    assert "compared 8 experiment(s)" in output, output
     records, pending = experiments(exp_show(repo=str(comparer)))
     values = {f"shared-t{t.number}": t.value for t in finished}
     assert {r["name"]: r["validation_accuracy"] for r in records} == values and not pending, records

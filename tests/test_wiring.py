@@ -233,12 +233,19 @@ def test_a_key_that_changes_results_makes_train_stale(repo, key, value):
     assert re.fullmatch(r"train:\s+changed deps:\s+params.yaml:\s+modified:\s+train\s*", status), status
 
 
-def test_test_time_augmentation_makes_evaluate_and_train_stale(repo):
-    # train scores its final model on held-out images with evaluate.tta once (tools.search's objective)
+def test_the_validation_split_makes_stats_stale_too(repo):
+    """The held-out images are not among those the normalization is computed over (stages/stats.py)."""
+    set_params(repo, train__validation_images=100)
+    status = dvc(repo, "status")
+    assert re.fullmatch(r"stats:\s+changed deps:\s+params.yaml:\s+modified:\s+train.validation_images\s+"
+                        r"train:\s+changed deps:\s+params.yaml:\s+modified:\s+train\s*", status), status
+
+
+def test_test_time_augmentation_makes_evaluate_alone_stale(repo):
+    # no training output depends on it: train scores its final model with every TTA mode (cifar.fit)
     set_params(repo, evaluate__tta="flip")
     status = dvc(repo, "status")
-    assert re.fullmatch(r"train:\s+changed deps:\s+params.yaml:\s+modified:\s+evaluate.tta\s+"
-                        r"evaluate:\s+changed deps:\s+params.yaml:\s+modified:\s+evaluate.tta\s*", status), status
+    assert re.fullmatch(r"evaluate:\s+changed deps:\s+params.yaml:\s+modified:\s+evaluate.tta\s*", status), status
 
 
 def test_dvc_lists_the_model_as_an_artifact(registered):

@@ -3,8 +3,9 @@
 Reads every experiment through DVC's Python API (dvc.api.exp_show for the table, dvc.api.read for each
 experiment's per-epoch accuracy curve) and writes, to --out (default reports/):
   experiments.md          one row per variant (its seeds' runs together: mean ± std, n, min–max of the test and
-                          validation accuracy, the difference from --reference and whether it is within noise),
-                          then one row per experiment
+                          validation accuracy, the difference from --reference and whether it is within noise by
+                          the test it names: paired by seed where both ran the same seeds, else Welch's), then
+                          one row per experiment
   accuracy_vs_params.png  test accuracy against parameter count, one point per variant, its std as error bars
   epoch_acc.png           the per-epoch accuracy curves of the chosen experiments (--curves; default all): on the
                           test set, or on the held-out validation images where a run had them
@@ -19,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from cifar.figures import parse_curve, plot_ablation, plot_accuracy_vs_params, plot_curves
-from cifar.noise import RULE, difference, summarize, variant_of
+from cifar.noise import RULE, difference, seed_of, summarize, variant_of
 from cifar.workspace import (
     CURVES_DIR,
     RUN_METRICS_FILE,
@@ -46,8 +47,7 @@ COLUMNS = {
     "params": (RUN_METRICS, "params"),
     "accuracy": (TEST_METRICS, "accuracy"),
     "accuracy_without_tta": (TEST_METRICS, "without_tta.accuracy"),
-    # the final model's, with train.validation_images: scored as the test accuracy is, with evaluate.tta
-    "validation_accuracy": (TRAIN_METRICS, "validation.acc_with_tta"),
+    # the final model's, with train.validation_images, without TTA (with it: validation_with_tta)
     "validation_accuracy_without_tta": (TRAIN_METRICS, "validation.acc"),
     "wall_time_s": (RUN_METRICS, "wall_time_s"),
     "images_per_s": (RUN_METRICS, "images_per_s"),
@@ -80,8 +80,7 @@ def experiments(rows):
         name = row.get("Experiment") or row["rev"]
         record = {"name": name, "rev": row["rev"], "commit": commit}
         record.update({key: _cell(row, *where) for key, where in COLUMNS.items()})
-        if not scored(record["validation_accuracy"]):  # a run from before the TTA score was logged
-            record["validation_accuracy"] = record["validation_accuracy_without_tta"]
+        record["validation_accuracy"] = validation_with_tta(row, record["validation_accuracy_without_tta"])
         if not (scored(record["accuracy"]) or scored(record["validation_accuracy"])) or not scored(record["params"]):
             if row.get("typ") != "baseline":
                 pending.append(f"{name} ({row.get('State') or 'no results'})")
@@ -94,6 +93,18 @@ def experiments(rows):
             if r["name"] != r["commit"]:
                 r["name"] = f"{r['name']}@{r['commit']}"
     return records, pending
+
+
+def validation_with_tta(row, without_tta):
+    """The final model's validation accuracy scored as its test accuracy is, with the run's evaluate.tta: the
+    train stage scores every mode (validation.acc_with_tta.MODE); a run from before logged only its own TTA's
+    score (validation.acc_with_tta), and one from before that none, so its plain score stands in."""
+    tta = row.get("params.yaml:evaluate.tta", row.get("evaluate.tta"))  # text, which _cell reads as no value
+    for column in (f"validation.acc_with_tta.{tta}", "validation.acc_with_tta"):
+        value = _cell(row, TRAIN_METRICS, column)
+        if scored(value):
+            return value
+    return without_tta
 
 
 def rank(test, validation):
@@ -129,12 +140,13 @@ SUMMARIZED = ["accuracy", "accuracy_without_tta", "validation_accuracy", "wall_t
 def variant_groups(records):
     """The experiments grouped by variant (tools.sweep --seeds names a variant's runs VARIANT-sK), in order of
     their first run: each with its runs and the Summary of its test accuracy (with evaluate.tta), test
-    accuracy without TTA, final validation accuracy (where the runs held images out) and training time."""
+    accuracy without TTA, final validation accuracy (where the runs held images out) and training time, each
+    value with its run's seed, so that two variants' runs pair up by seed."""
     groups = {}
     for r in records:
         groups.setdefault(variant_of(r["name"]), []).append(r)
     return [{"variant": variant, "runs": runs, **{key: runs[0][key] for key in SHAPE},
-             **{key: summarize([r[key] for r in runs]) for key in SUMMARIZED}}
+             **{key: summarize([r[key] for r in runs], [seed_of(r["name"]) for r in runs]) for key in SUMMARIZED}}
             for variant, runs in groups.items()]
 
 
@@ -152,7 +164,8 @@ def _mean_seconds(summary):
 
 def variants_table(groups, reference):
     """One row per variant: its shape, n, mean ± std (min–max) of the test and validation accuracy, and its
-    test accuracy's difference from `reference` (a variant's name) with Welch's t-test's verdict."""
+    test accuracy's difference from `reference` (a variant's name) with its t-test's verdict (paired by seed
+    where both ran the same seeds, else Welch's; the cell names which)."""
     # the reference variant; across commits, the first commit's (exp_show lists HEAD first)
     base = next((g for g in groups if g["variant"].split("@")[0] == reference), None)
     header = ["variant", "n", "blocks", "widths", "weight decay", "epochs", "parameters", "test accuracy",

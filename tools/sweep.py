@@ -9,7 +9,8 @@ import argparse
 
 from cifar.augment import EvaluateParams
 from cifar.model import ModelParams
-from cifar.params import PARAMS_FILE, load_params
+from cifar.noise import confirmation_seeds
+from cifar.params import PARAMS_FILE, format_value, load_params, parse_override
 from cifar.training import Recipe
 from cifar.workspace import UserError, command
 
@@ -34,6 +35,10 @@ TRICKS = [
 # search.yaml's space on the 50k set). No finished trial trained better than the study's recipe; its training
 # with flip-and-translate TTA scored best, so tuned is exactly that.
 TUNED = {"evaluate.tta": "flip_translate"}
+# The variants a search selected: {name: the train.seed its search's trials trained at}. Their run at that seed
+# is the selected trial again (tuned-s0 is the second search's trial 1, bit for bit), so a confirmation over
+# --seeds runs others (cifar.noise.confirmation_seeds). Both searches trained at params.yaml's seed, 0.
+SEARCHED = {"tuned": 0}
 
 
 def study(path=PARAMS_FILE):
@@ -64,35 +69,20 @@ def variants(study):
         "wd-1e-6": {**study, "train.weight_decay": 1e-6},
         "wd-1e-5": {**study, "train.weight_decay": 1e-5},
         "wd-5e-4": {**study, "train.weight_decay": 5e-4},
-        # beyond the study: the search's best recipe, the same model
+        # beyond the study: the search's best recipe, the same model. It differs from final in evaluate.tta
+        # alone, which no training output depends on: tuned-sK's train stage is restored from final-sK's entry
+        # in DVC's run cache (queued after it), and only evaluate runs again
         "tuned": {**study, **TUNED},
     }
 
 
 def best_of(study, name, storage=None):
     """The variant of the best finished trial of tools.search's study `name`: the study's recipe with the
-    trial's params (the keys the search varied), so that it is confirmed over seeds like any variant."""
-    from tools.search import DEFAULT_STORAGE, best_values
+    trial's params (the keys the search varied) and its best TTA on validation, so that it is confirmed over
+    seeds like any variant."""
+    from cifar.study import DEFAULT_STORAGE, best_values
 
     return {**study, **best_values(name, storage or DEFAULT_STORAGE)}
-
-
-def format_value(value):
-    """A value as `dvc exp run -S` parses it (YAML): lists without spaces, floats in exponent form, true/false."""
-    if isinstance(value, bool):  # YAML's own spelling, not Python's True/False
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def parse_override(text):
-    key, sep, value = text.partition("=")
-    if not sep or not key or not value or "." not in key:
-        raise UserError(f"-S {text!r}: expected section.key=value, e.g. -S train.epochs=5")
-    return key, value
 
 
 def variant_params(variant, width_divisor=1, overrides=()):
@@ -107,9 +97,10 @@ def variant_params(variant, width_divisor=1, overrides=()):
     return params
 
 
-def planned(names, experiments, width_divisor=1, overrides=(), prefix="", seeds=()):
+def planned(names, experiments, width_divisor=1, overrides=(), prefix="", seeds=(), searched=SEARCHED):
     """[(experiment name, {key: value as -S writes it})] of the chosen ones of `experiments`; with `seeds`,
-    each once per seed, named NAME-sK (train.seed=K), which tools.compare groups back into its variant."""
+    each once per seed, named NAME-sK (train.seed=K), which tools.compare groups back into its variant, and
+    none at the seed a search selected one of them at (`searched`, as SEARCHED)."""
     unknown = [n for n in names if n not in experiments]
     if unknown:
         raise UserError(f"unknown variant {', '.join(unknown)} (known: {', '.join(experiments)})")
@@ -117,6 +108,8 @@ def planned(names, experiments, width_divisor=1, overrides=(), prefix="", seeds=
         raise UserError(f"--width-divisor {width_divisor}: must be an integer >= 1")
     if any(seed < 0 for seed in seeds) or len(set(seeds)) < len(seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: must be different integers >= 0")
+    if seeds:
+        confirmation_seeds(seeds, {name: seed for name, seed in searched.items() if name in names})
     runs = [(name, name, {}) for name in names] if not seeds else [
         (name, f"{name}-s{seed}", {"train.seed": str(seed)}) for name in names for seed in seeds]
     return [(prefix + run, {**variant_params(experiments[name], width_divisor, overrides), **seed})
@@ -178,9 +171,14 @@ def main(argv=None):
     overrides = ([f"train.epochs={args.epochs}"] if args.epochs else []) + args.overrides
     recipe = study()
     chosen = ladder(recipe) if args.ablation else variants(recipe)
+    searched = dict(SEARCHED)
     if args.best_of:
         chosen[f"{args.best_of}-best"] = best_of(recipe, args.best_of, args.storage)
-    experiments = planned(args.only or list(chosen), chosen, args.width_divisor, overrides, args.prefix, args.seeds)
+        # its trials trained at params.yaml's seed, unless the space searched it
+        searched[f"{args.best_of}-best"] = chosen[f"{args.best_of}-best"].get(
+            "train.seed", load_params(Recipe)["train"]["seed"])
+    experiments = planned(args.only or list(chosen), chosen, args.width_divisor, overrides, args.prefix, args.seeds,
+                          searched)
     for name, params in experiments:
         print(command_line(name, params, args.force), flush=True)
     if not args.dry_run:
