@@ -1,4 +1,4 @@
-"""The fast CIFAR-10 trainers' tricks, each tested for what it does: SGD with Nesterov momentum, label
+"""The fast CIFAR-10 trainers' tricks, each tested for what it does: SGD with Nesterov momentum, Muon, label
 smoothing, the EMA of the weights, cutout, alternating flips and test-time augmentation."""
 from dataclasses import replace
 
@@ -13,6 +13,7 @@ from torch import nn
 from cifar.augment import cutout, random_crop_flip, reflect_pad, tta_views
 from cifar.distributed import Context
 from cifar.model import ResNet
+from cifar.muon import orthogonalize
 from cifar.training import (
     Data,
     ema_batchnorm,
@@ -81,6 +82,80 @@ def test_sgd_weight_decay_is_l2_on_the_weights():
     model.weight.grad = torch.zeros_like(model.weight)
     optimizer.step()  # g = 0 + 0.5 * 2 = 1; v = 1; w = 2 - 0.1 * (1 + 0.9) = 1.81
     assert model.weight.item() == pytest.approx(1.81)
+
+
+# Muon for the convolution filters
+
+def skewed(rows, cols, seed=0):
+    """A random rows x cols matrix whose singular values spread from 0.01 to 1 (a gradient's skewed spectrum)."""
+    generator = torch.Generator().manual_seed(seed)
+    rank = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, rank, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, rank, generator=generator, dtype=torch.float64))
+    return (u @ torch.diag(torch.logspace(-2, 0, rank, dtype=torch.float64)) @ v.T).float()
+
+
+@pytest.mark.parametrize("rows, cols", [(16, 72), (72, 16)])
+def test_orthogonalize_brings_every_singular_value_near_1(rows, cols):
+    singular = torch.linalg.svdvals(orthogonalize(skewed(rows, cols)))
+    # the quintic iteration's band (Keller Jordan: about Uniform(0.5, 1.5)); the input spanned a factor of 100
+    assert singular.min() > 0.5 and singular.max() < 1.5, singular
+
+
+def test_muon_steps_each_conv_filter_by_its_orthogonalized_gradient_as_a_matrix():
+    """The update of a conv filter, read as out x (in * kh * kw), has singular values near 1 at the filter's
+    learning rate; the BatchNorm and head parameters take plain SGD steps, Nesterov's, with weight decay."""
+    model = ResNet([1], [16])
+    recipe = changed(RECIPE, optimizer="muon", muon_lr=0.05, muon_momentum=0.0, max_lr=0.1, momentum=0.9,
+                     nesterov=True, weight_decay=0.0)
+    optimizer = make_optimizer(model, recipe)
+    filters = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    muon, sgd = optimizer.param_groups
+    assert [id(p) for p in muon["params"]] == [id(p) for p in filters] and muon["lr"] == 0.05
+    assert {id(p) for p in sgd["params"]} == {id(p) for p in model.parameters()} - {id(p) for p in filters}
+    assert sgd["nesterov"] and sgd["momentum"] == 0.9 and sgd["lr"] == 0.1
+    conv = model.layers[0][0].conv2.weight  # 16 x 16 x 3 x 3: a 16 x 144 matrix
+    with torch.no_grad():
+        for p in filters:  # at the norm Muon keeps (sqrt(out)), so the step alone moves the filter
+            p.mul_(len(p) ** 0.5 / p.norm())
+    before, others = conv.detach().clone(), [p.detach().clone() for p in sgd["params"]]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    conv.grad = skewed(16, 144).view_as(conv)
+    optimizer.step()
+    singular = torch.linalg.svdvals(((before - conv.detach()) / 0.05).reshape(16, -1))
+    assert singular.min() > 0.5 and singular.max() < 1.5, singular
+    # the head and BatchNorm: Nesterov SGD's first step, lr * (g + mu * g) = 0.1 * 1.9 for a gradient of ones
+    for p, old in zip(sgd["params"], others):
+        assert torch.allclose(old - p.detach(), torch.full_like(p, 0.19))
+
+
+def test_muon_keeps_each_filter_at_norm_sqrt_out_and_its_momentum_in_the_state_dict():
+    """Each step starts from the filter brought back to norm sqrt(out channels); the Nesterov momentum buffers
+    are the optimizer's state, so a checkpointed run resumes them: two steps equal one step, a save and load
+    into a fresh optimizer, and one more."""
+    def run(split):
+        torch.manual_seed(0)
+        model = ResNet([1], [8])
+        recipe = changed(RECIPE, optimizer="muon", muon_lr=0.05, muon_momentum=0.6)
+        optimizer = make_optimizer(model, recipe)
+        for step in range(2):
+            if split and step == 1:
+                state = optimizer.state_dict()
+                optimizer = make_optimizer(model, recipe)
+                optimizer.load_state_dict(state)
+            torch.manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+        return model, optimizer
+    model, optimizer = run(split=False)
+    resumed, _ = run(split=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    muon = optimizer.param_groups[0]
+    assert all("muon_buffer" in optimizer.state[p] for p in muon["params"])
+    for p in muon["params"]:  # one step (lr 0.05, singular values near 1) from norm sqrt(out): close to it
+        assert p.norm().item() == pytest.approx(len(p) ** 0.5, rel=0.1)
 
 
 # BatchNorm's learning rate scaled (airbench's bias_scaler)
@@ -188,7 +263,7 @@ def test_the_ema_s_batchnorm_statistics_are_recomputed_for_its_own_weights():
     assert not torch.allclose(bn.running_mean, model_bn.running_mean)  # not the trained model's statistics
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "muon"])
 def test_after_a_short_run_the_ema_scores_at_least_as_well_as_the_last_weights(optimizer):
     """600 synthetic images, widths 8..64, batch 64, 3 epochs (30 steps), EMA decay 0.9, lr 0.01, scored on 200
     held-out images. With the BatchNorm statistics averaged along with the weights, the EMA scored 53.5 %
