@@ -15,6 +15,7 @@ import sqlalchemy
 from .augment import TTA_MODES
 from .imports import ROOT, code_of
 from .params import check_section, read_params
+from .resume import file_digests
 from .space import SCHEMAS, SEARCHED, parse_space
 from .workspace import UserError
 
@@ -77,11 +78,10 @@ def open_storage(url, heartbeat):
 
 
 def train_code():
-    """A digest of the code a trial trains with: the train stage and every project module it imports."""
-    digest = hashlib.sha256()
-    for path in code_of("stages/train.py"):
-        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    """A digest of the code a trial trains with: the train stage and every project module it imports, each file
+    by content, as the checkpoint's fingerprint reads them (resume.file_digests)."""
+    digests = file_digests(code_of("stages/train.py"), ROOT)
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
 def base_params():
