@@ -3,7 +3,7 @@ best TTA, epochs and fate, and Optuna's figures."""
 import warnings
 
 from .params import format_value
-from .study import FAILED, counts, done, outcome, state, tta_choice
+from .study import FAILED, PRUNE_RECORDED, counts, done, outcome, state, tta_choice
 from .trial import PRUNED_ATTR
 from .workspace import write_text
 
@@ -16,14 +16,19 @@ def trials_table(study, space):
     rows = []
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial"): t.number for t in trials if "failed_trial" in t.system_attrs}
+    recorded = {t.system_attrs[PRUNE_RECORDED]: t.number for t in trials if PRUNE_RECORDED in t.system_attrs}
     for t in trials:
         values = space.values(t.params)
         epochs = t.user_attrs.get("epochs", max(t.intermediate_values, default=None))
         note = outcome(t)
         if t.number in retried:
             note = f"{note}; run again as trial {retried[t.number]}"
+        elif t.number in recorded:
+            note = f"{note}; pruned before its worker died, recorded as trial {recorded[t.number]}"
         elif "failed_trial" in t.system_attrs:
             note += f" (trial {t.system_attrs['failed_trial']} run again)"
+        elif PRUNE_RECORDED in t.system_attrs:
+            note += f" (trial {t.system_attrs[PRUNE_RECORDED]}'s prune)"
         choice = tta_choice(t) if state(t) == "complete" else None
         rows.append([str(t.number), state(t), *(format_value(values[k]) if k in values else "–" for k in keys),
                      f"{t.value:.4f}" if state(t) == "complete" else "–",

@@ -153,11 +153,9 @@ def objective(search):
             trial.set_user_attr(NOT_RUN, f"the study had its {search.trials} trials")
             raise NotRun()
         check_code(search.study)
-        # `dvc exp run` writes a trial's -S values into params.yaml while it sets the trial up: read it only while
-        # none of this worker's trials runs (the lock keeps one from starting meanwhile)
-        with search.trials_lock:
-            if not search.running:
-                check_params(search.study, with_settings(base_params(), search.settings))
+        # the space's keys aside: `dvc exp run` writes a trial's values of them into params.yaml while it sets the
+        # trial up, this worker's or another's, and params.yaml's own values of them reach no trial (each sets all)
+        check_params(search.study, with_settings(base_params(), search.settings), search.space.keys)
         values = search.space.suggest(trial)
         reason = refusal(search.base, values)
         if reason:

@@ -17,9 +17,11 @@ from .imports import ROOT, code_of
 from .params import check_section, read_params
 from .resume import file_digests
 from .space import SCHEMAS, SEARCHED, parse_space
+from .trial import PRUNED_ATTR
 from .workspace import UserError
 
 DEFAULT_STORAGE = "sqlite:///.optuna/search.db"
+PRUNE_RECORDED = "pruned_trial"  # system attribute: the failed trial whose prune this trial records
 WHAT = {"space": "space", "base": "params.yaml or -S settings", "code": "train stage's code"}
 SCHEMA_ATTEMPTS = 5  # processes that open a new storage together race to create its tables
 STOPPED, NOT_RUN, REFUSED, FAILED = "stopped", "not_run", "refused", "failed"  # user attributes: why not finished
@@ -34,13 +36,25 @@ def redact(url):
 
 
 def retry_callback():
-    """Optuna's retry of a failed trial: a new trial with the same params and the failed one's per-epoch values
-    (a retried trial resumes from its checkpoint, and its values before that must still reach the pruner)."""
+    """What becomes of a trial whose worker died (its heartbeat stale) or that a stop ended: Optuna's retry, a new
+    trial with the same params and the failed one's per-epoch values (a retried trial resumes from its
+    checkpoint, and its values before that must still reach the pruner). A trial the pruner had already stopped
+    (its train stage said so before the worker could record it) is recorded as pruned instead: its checkpoint is
+    gone, and a retry would train it again from scratch only to be pruned where it was."""
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+
+    def retry_unless_pruned(study, trial):
+        if PRUNED_ATTR not in trial.user_attrs:
+            return retry(study, trial)
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.PRUNED, params=trial.params, distributions=trial.distributions,
+            user_attrs=trial.user_attrs, intermediate_values=trial.intermediate_values,
+            system_attrs={PRUNE_RECORDED: trial.number}))
+    return retry_unless_pruned
 
 
 def open_storage(url, heartbeat):
@@ -114,8 +128,9 @@ def check_code(study):
 
 def check_params(study, params, ignore=(), source="params.yaml"):
     """`params` (by section: the workspace's params.yaml with the -S settings, or what a trial trained) are
-    still those the study began with, but for the keys `ignore` (a trial's own values); else one line naming
-    the keys that changed. An edit in the middle of a search would change what the rest of its trials train."""
+    still those the study began with, but for the keys `ignore` (the space's: each trial sets its own); else
+    one line naming the keys that changed. An edit in the middle of a search would change what the rest of its
+    trials train."""
     new, old = identity_params(params), study.user_attrs["base"]
     changed = [f"{s}.{k}" for s in SEARCHED for k in new[s] if new[s][k] != old[s].get(k) and f"{s}.{k}" not in ignore]
     changed += ["data.md5"] * (new["data.md5"] != old["data.md5"])
@@ -127,6 +142,12 @@ def check_params(study, params, ignore=(), source="params.yaml"):
 def identity_params(params):
     """What of the params a study's trials share: the searched sections and the data's checksum, as stored."""
     return json.loads(json.dumps({**{s: params[s] for s in SEARCHED}, "data.md5": params["data"]["md5"]}))
+
+
+def without_keys(params, keys):
+    """identity_params' `params` without the `keys` (section.name)."""
+    return {section: ({k: v for k, v in values.items() if f"{section}.{k}" not in keys} if isinstance(values, dict)
+                      else values) for section, values in params.items()}
 
 
 def old_experiments(name):
@@ -165,7 +186,10 @@ def open_study(name, storage, space, base, seed):
                 break
             time.sleep(0.1)
         for key, value in identity_.items():
-            if study.user_attrs.get(key) != json.loads(json.dumps(value)):
+            stored, found = study.user_attrs.get(key), json.loads(json.dumps(value))
+            if key == "base" and stored is not None:  # the space's keys aside, as check_params (runner) does
+                stored, found = (without_keys(params, space.keys) for params in (stored, found))
+            if stored != found:
                 raise UserError(f"study '{name}' was started with another {WHAT[key]}: rerun it as it was started "
                                 f"(same space file, -S settings and params.yaml, same code), or name a new study "
                                 f"(--study)")
@@ -235,7 +259,7 @@ def outcome(trial):
     if kind == "fail" and attrs.get(FAILED):
         return f"{attrs['experiment']}: failed: {attrs[FAILED]}"
     if kind == "pruned":
-        return f"{attrs['experiment']}: pruned after epoch {attrs.get('pruned_after_epoch', '?')}"
+        return f"{attrs.get('experiment', 'not started')}: pruned after epoch {attrs.get(PRUNED_ATTR, '?')}"
     return kind
 
 

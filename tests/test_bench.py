@@ -3,11 +3,13 @@ speed is not asserted here; python -m tools.bench prints it)."""
 import argparse
 import json
 
+import pytest
 import torch
 import yaml
 from dvcrepo import REPO
 
 from cifar import training
+from cifar.workspace import UserError
 from tools import bench
 
 CPU = torch.device("cpu")
@@ -185,3 +187,51 @@ def test_measure_warms_each_mode_then_keeps_each_modes_best_round(monkeypatch):
     warm = [("project", 1), ("reference", 1), ("ceiling", 1)]
     measured = [call for mode in ["project", "reference", "ceiling"] for call in [("timed", "DEV"), (mode, 3)]]
     assert calls == built + warm + measured * 2
+
+
+def test_variants_are_measured_side_by_side_each_with_its_own_recipe(monkeypatch, capsys):
+    """--variants final fast: the project's step of the study's recipe (Adam) and of fast's (Muon, its own
+    learning rates and epochs), in alternating rounds; the command line's model and batch override both."""
+    built = []
+
+    def spy_optimizer(model, recipe):
+        built.append((recipe, make_optimizer(model, recipe)))
+        return built[-1][1]
+
+    make_optimizer = training.make_optimizer
+    monkeypatch.setattr(training, "make_optimizer", spy_optimizer)
+    result = bench.main(["--params", str(REPO / "params.yaml"), *TINY, "--precision", "fp32", "--variants", "final",
+                         "fast"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert list(result["variants"]) == ["final", "fast"]
+    final, fast = result["variants"]["final"], result["variants"]["fast"]
+    assert (final["optimizer"], fast["optimizer"]) == ("adam", "muon") and final["vs_first"] == 1.0
+    # the ratio of the unrounded rates
+    assert fast["vs_first"] == pytest.approx(fast["images_per_s"] / final["images_per_s"], rel=0.01)
+    assert all(v["widths"] == [8, 16] and v["batch_size"] == 16 and v["precision"] == "fp32"
+               for v in result["variants"].values())
+    (adam_recipe, adam), (muon_recipe, muon) = built
+    assert isinstance(adam, torch.optim.Adam) and adam_recipe.max_lr == 0.01
+    assert adam_recipe.epochs == muon_recipe.epochs == 3  # OneCycle over the 3 steps run, an epoch each
+    # fast's peaks: Muon's filters at muon_lr, SGD's BatchNorm and head at max_lr
+    assert type(muon).__name__ == "Muon" and [g["max_lr"] for g in muon.param_groups] == [0.1, 0.2]
+    assert muon_recipe.label_smoothing == 0.2 and muon_recipe.flip == "alternating"
+
+
+def test_an_unknown_variant_is_a_one_line_error_naming_the_known_ones():
+    with pytest.raises(UserError, match=r"^--variants: unknown variant nope \(known: final, .*, fast\)$"):
+        bench.main(["--params", str(REPO / "params.yaml"), *TINY, "--variants", "final", "nope"])
+
+
+def test_the_variants_report_is_each_rate_and_its_ratio_to_the_first():
+    assert bench.variant_figures({"final": 200.0, "fast": 187.654321}) == {
+        "final": {"images_per_s": 200.0, "vs_first": 1.0}, "fast": {"images_per_s": 187.7, "vs_first": 0.938}}
+
+
+def test_a_variant_s_keys_are_checked_as_the_stages_check_them():
+    args = bench.parse_args(["--params", str(REPO / "params.yaml"), "--batch-size", "32"])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    setting = bench.variant_settings(args, params, {"train.optimizer": "muon", "model.widths": [8, 16, 32, 64]})
+    assert setting.recipe.optimizer == "muon" and setting.widths == [8, 16, 32, 64] and setting.recipe.batch_size == 32
+    with pytest.raises(UserError, match=r"train\.optimizer = 'lion' must be "):
+        bench.variant_settings(args, params, {"train.optimizer": "lion"})

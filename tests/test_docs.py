@@ -14,7 +14,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 README_LIMIT = 12 * 1024  # bytes: a newcomer's one screenful; the rest belongs in docs/
-DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [README, *sorted((REPO / "docs").rglob("*.md"))]  # docs/runs/ too
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 SECTIONS = ("data", "model", "train", "evaluate", "export", "system")
 

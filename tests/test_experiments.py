@@ -224,10 +224,10 @@ def test_an_experiment_on_weight_decay_reruns_train_evaluate_and_plot_and_change
     assert_curves_overlaid(repo, "HEAD", "wd-5e-4")  # both revisions' curves overlay in one plot
 
 
-def test_sweep_dry_run_prints_the_eight_commands_and_queues_nothing(fresh, call):
+def test_sweep_dry_run_prints_the_nine_commands_and_queues_nothing(fresh, call):
     code, output = call(fresh, "tools.sweep", "--dry-run")
     lines = output.strip().splitlines()
-    assert code == 0 and len(lines) == 8, output
+    assert code == 0 and len(lines) == 9, output
     repo_variants = variants(study(fresh / "params.yaml"))  # the study: the repository's params.yaml
     assert lines == [command_line(name, params) for name, params in planned(list(repo_variants), repo_variants)]
     assert lines[0] == ("dvc exp run --queue -n final -S 'model.blocks=[2,1,1,1]' -S 'model.widths=[8,16,32,64]' "
@@ -242,9 +242,9 @@ def shown_value(value):
     return str(value) if isinstance(value, (list, bool)) else value
 
 
-def test_the_default_sweep_queues_the_study_s_seven_variants_and_tuned_with_their_exact_params(fresh, call):
+def test_the_default_sweep_queues_the_study_s_seven_variants_tuned_and_fast_with_their_exact_params(fresh, call):
     code, output = call(fresh, "tools.sweep")
-    assert code == 0 and "queued 8 experiment(s)" in output, output
+    assert code == 0 and "queued 9 experiment(s)" in output, output
     try:
         rows = {row["Experiment"]: row for row in exp_show(repo=str(fresh)) if row.get("Experiment")}
         repo_variants = variants(study(fresh / "params.yaml"))
@@ -252,8 +252,10 @@ def test_the_default_sweep_queues_the_study_s_seven_variants_and_tuned_with_thei
         for name, variant in repo_variants.items():
             shown = {key: rows[name][key] for key in variant}
             assert shown == {key: shown_value(value) for key, value in variant.items()}, name
-            assert rows[name]["train.epochs"] == 3  # everything else from params.yaml
+            # everything else from params.yaml (fast's recipe sets its own epochs)
+            assert rows[name]["train.epochs"] == (20 if name == "fast" else 3)
         assert rows["tuned"]["train.optimizer"] == "adam" and rows["tuned"]["evaluate.tta"] == "flip_translate"
+        assert rows["fast"]["train.optimizer"] == "muon" and rows["fast"]["train.muon_lr"] == 0.1
     finally:
         dvc(fresh, "queue", "remove", "--all")
 

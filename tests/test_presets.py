@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from cifar.model import ResNet, count_parameters
 from cifar.workspace import UserError
 from tools import sweep
-from tools.sweep import SEARCHED, TRICKS, TUNED, ladder, planned, study, variants
+from tools.sweep import FAST, SEARCHED, TRICKS, TUNED, ladder, planned, study, variants
 
 STUDY = study(Path(__file__).resolve().parent.parent / "params.yaml")
 
@@ -36,9 +37,22 @@ def test_the_study_and_the_tuned_preset_by_value():
         "train.ema_decay": 0, "train.cutout": 0, "evaluate.tta": "flip_translate"}
 
 
+def test_the_fast_preset_by_value_the_study_s_model_in_a_third_of_its_epochs():
+    assert FAST == {"train.optimizer": "muon", "train.muon_lr": 0.1, "train.muon_momentum": 0.6, "train.max_lr": 0.2,
+                    "train.momentum": 0.9, "train.nesterov": True, "train.weight_decay": 0.0005,
+                    "train.label_smoothing": 0.2, "train.flip": "alternating", "train.warmup_fraction": 0.25,
+                    "train.epochs": 20, "evaluate.tta": "flip_translate"}
+    fast = variants(STUDY)["fast"]
+    assert {k: v for k, v in fast.items() if k in STUDY} == {**STUDY, **{k: v for k, v in FAST.items() if k in STUDY}}
+    # full size, under the budget, and at most a third of the study's 70 epochs
+    assert count_parameters(ResNet(fast["model.blocks"], fast["model.widths"])) == 4977226
+    assert fast["train.epochs"] * 3 <= 70
+
+
 def test_each_variant_changes_exactly_its_named_keys():
     found = variants(STUDY)
-    assert list(found) == ["final", "blocks-1111", "blocks-6543", "under-1m", "wd-1e-6", "wd-1e-5", "wd-5e-4", "tuned"]
+    assert list(found) == ["final", "blocks-1111", "blocks-6543", "under-1m", "wd-1e-6", "wd-1e-5", "wd-5e-4", "tuned",
+                           "fast"]
     changed = {name: {k: v for k, v in keys.items() if STUDY.get(k) != v} for name, keys in found.items()}
     assert changed["final"] == {}
     assert changed["blocks-1111"] == {"model.blocks": [1, 1, 1, 1]}

@@ -26,7 +26,7 @@ from dvcrepo import copy_repo, dvc, experiment_refs, read_json, run, set_params,
 from cifar.augment import TTA_MODES
 from cifar.params import format_value, parse_value
 from cifar.space import NOT_SEARCHED, TRAINABLE_DRAWS
-from cifar.study import open_storage, state
+from cifar.study import counts, done, open_storage, state
 
 SPLIT = "train.validation_images=100"  # of the synthetic set's 600 training images
 HOPELESS_LR = 1e-7
@@ -139,6 +139,38 @@ def test_a_trial_s_checkpoint_is_its_own_and_its_retries(tmp_path, monkeypatch):
     assert checkpoint_path(run_, "s-t1").parent == workspace / ".dvc/tmp/checkpoints"
 
 
+def test_a_trial_whose_worker_died_is_run_again_unless_it_was_already_pruned(tmp_path):
+    """Once its heartbeat is stale, a dead worker's trial is asked for again with the same params and its
+    epochs' values (it resumes from its checkpoint); one whose train stage was pruned before the worker could
+    record it is recorded as pruned (its checkpoint deleted: a retry would train from scratch to be pruned)."""
+    from cifar.trial import PRUNED_ATTR, trial_id
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'studies.db'}", heartbeat=1)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    distribution = optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)
+    for pruned in [False, True]:  # two trials running, reported 2 epochs, and their worker gone
+        trial = study.ask({"train.max_lr": distribution})
+        for epoch, value in [(1, 0.3), (2, 0.4)]:
+            trial.report(value, epoch)
+        if pruned:  # what cifar.trial does before its train stage stops
+            trial.set_user_attr(PRUNED_ATTR, 2)
+        storage.record_heartbeat(trial_id(storage, "s", trial.number))
+
+    def stale_ones_failed():  # once 3 beats are missed (the storage's grace period)
+        optuna.storages.fail_stale_trials(study)
+        return all(t.state.name == "FAIL" for t in study.get_trials()[:2])
+    wait_until(stale_ones_failed, 30, "the silent trials to be failed", interval=0.5)
+
+    died_running, died_pruned, retry, record = study.get_trials()
+    assert died_running.state.name == died_pruned.state.name == "FAIL"
+    assert retry.state.name == "WAITING" and retry.params == died_running.params
+    assert retry.system_attrs["failed_trial"] == died_running.number and retry.intermediate_values == {1: 0.3, 2: 0.4}
+    assert record.state.name == "PRUNED" and record.params == died_pruned.params, record
+    assert record.intermediate_values == {1: 0.3, 2: 0.4} and record.user_attrs[PRUNED_ATTR] == 2
+    assert "failed_trial" not in record.system_attrs  # so the worker never runs it again
+    assert done(counts(study)) == 1
+
+
 def open_new_storage(path, barrier):
     barrier.wait()
     open_storage(f"sqlite:///{path}", heartbeat=60)
@@ -189,6 +221,18 @@ def trial_processes(repo):
     return found
 
 
+def sampled_trainer(repo, worker):
+    """(number, train stage process) of the first sampled trial of study 'tiny' once it trains, else None."""
+    running = [t.number for t in trials_so_far(repo, "tiny")[4:] if t.state.name == "RUNNING"]
+    if not running:
+        return None
+    try:
+        trainers = [p for p in psutil.Process(worker.pid).children(recursive=True) if "stages.train" in p.cmdline()]
+    except psutil.Error:  # a process of it ended while it was read
+        return None
+    return (running[0], trainers[0]) if trainers else None
+
+
 def search(repo, space_file, *args, trials=3):
     return ["python", "-m", "tools.search", str(space_file), "--trials", str(trials), "--startup-trials", "1",
             "--heartbeat", "1", "-S", SPLIT, *args]
@@ -228,10 +272,17 @@ def test_a_tiny_search_prunes_refuses_and_resumes_after_a_kill_with_exactly_the_
 
     # First worker: the four first trials, then SIGKILL to the worker alone in the middle of a sampled trial
     worker = start(repo, *search(repo, space_file, trials=4))
-    running = wait_until(lambda: [t for t in trials_so_far(repo, "tiny")[4:] if t.intermediate_values], 600,
-                         "a sampled trial's first epoch", [worker])
+    # the sampled trial (after the four `first` ones), stopped still the moment its first epoch is saved: else, on
+    # a fast CPU (epochs under a second), it would train on until it noticed its worker's death (it looks every
+    # second) and might be pruned after epoch 2 first (its prune is then what the study records:
+    # test_a_trial_whose_worker_died_is_run_again_unless_it_was_already_pruned)
+    number, trainer = wait_until(lambda: sampled_trainer(repo, worker), 600, "a sampled trial's train stage", [worker])
+    wait_until(lambda: any((repo / ".dvc/tmp/checkpoints").glob("*.pt")), 120, "its first epoch saved", [worker],
+               interval=0.01)
+    trainer.suspend()
     os.kill(worker.pid, signal.SIGKILL)
     first_output = finish(worker, 60, "the killed worker's exit")[1]
+    trainer.resume()
     # its trial notices and stops: no trial trains on for a dead worker
     wait_until(lambda: not trial_processes(repo), 30, "the killed worker's trial to stop")
 
@@ -244,7 +295,7 @@ def test_a_tiny_search_prunes_refuses_and_resumes_after_a_kill_with_exactly_the_
     states = [state(t) for t in trials]
     assert len(counted(trials)) == 4, states  # exactly the trials asked for
     finished, pruned, refused, cached = trials[:4]
-    killed = trials[running[0].number]
+    killed = trials[number]
     assert finished.state.name == "COMPLETE" and finished.params == {"train.max_lr": 0.02,
                                                                    "model.widths": "[8,16,32,64]"}
     # the hopeless trial: pruned before its last epoch, and its record says so
@@ -259,13 +310,14 @@ def test_a_tiny_search_prunes_refuses_and_resumes_after_a_kill_with_exactly_the_
     assert cached.state.name == "COMPLETE" and cached.intermediate_values == finished.intermediate_values
     # the killed trial failed once its heartbeat was stale, and ran again with the same params, from its
     # checkpoint, its epochs before the kill carried over
-    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == killed.number)
+    retry = next((t for t in trials if t.system_attrs.get("failed_trial") == killed.number), None)
+    assert retry is not None, (states, killed.number, killed.user_attrs, killed.intermediate_values)
     assert killed.state.name == "FAIL" and retry.params == killed.params, states
     assert set(retry.intermediate_values) == set(range(1, max(retry.intermediate_values) + 1)), retry
     log = (repo / f"reports/tiny/logs/tiny-t{retry.number}.log").read_text()
     # from the last epoch it saved: each epoch is saved before it is reported, so at least the last one reported
     resumed = re.search(r"resuming from .* after epoch (\d)/3", log)
-    assert resumed and int(resumed[1]) >= max(killed.intermediate_values), log
+    assert resumed and int(resumed[1]) >= max(killed.intermediate_values, default=1), log
     # no checkpoint is left behind: the pruned trials' are deleted, the killed one's its retry used up
     assert not list((repo / ".dvc/tmp/checkpoints").glob("*")), list((repo / ".dvc/tmp/checkpoints").glob("*"))
     assert retry in counted(trials), states
@@ -388,6 +440,11 @@ def test_a_study_continues_only_with_the_space_params_and_code_that_started_it(f
     started = stage(folder, "tools.search", str(path), "-S", SPLIT, "--report-only")
     assert started.code == 0 and (folder / "reports/space/trials.md").is_file(), started.output
     assert stage(folder, "tools.search", str(path), "-S", SPLIT, "--report-only").code == 0
+    # params.yaml with a trial's value of a space key, as `dvc exp run` leaves it while it sets up another worker's
+    # trial: the same study (no trial takes params.yaml's value of a key of its space)
+    set_params(folder, train__max_lr=0.02)
+    assert stage(folder, "tools.search", str(path), "-S", SPLIT, "--report-only").code == 0
+    set_params(folder, train__max_lr=0.01)
     for change, settings, what in [("another split", ["-S", "train.validation_images=200"], "params.yaml or -S"),
                                    ("another space", ["-S", SPLIT], "space")]:
         if change == "another space":

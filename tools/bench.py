@@ -13,6 +13,10 @@ in alternating rounds (best round kept). Prints one JSON object with the three r
 each comes to the hardware (the model's FLOPs per training image, counted on one real step, times the rate,
 against a dense matrix product's rate in the same precision measured in the same run: the model-FLOPs
 utilisation), the device and the recipe measured; --profile adds torch.profiler's top operators of one step.
+With --variants NAME [NAME ...], it measures instead the project's step of each named tools.sweep variant
+(e.g. `final fast`: the study's recipe and the fast preset, each its keys over params.yaml's, optimizer and
+model included), in the same alternating rounds, and prints each one's images/s and its ratio to the first:
+what an epoch of each costs on this machine, side by side.
 Not a DVC stage: it measures the machine, not the model."""
 import argparse
 import json
@@ -32,10 +36,10 @@ from cifar import training
 from cifar.devices import System, choose_device
 from cifar.distributed import Context
 from cifar.model import ModelParams, ResNet
-from cifar.params import PARAMS_FILE, load_params
+from cifar.params import PARAMS_FILE, check_section, load_params, read_params
 from cifar.precision import DTYPES, autocast, resolve_precision
 from cifar.training import PAD, Recipe, make_optimizer, make_scheduler, prepare_model
-from cifar.workspace import command
+from cifar.workspace import UserError, command
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -77,6 +81,7 @@ def project_runner(bench, device):
     def train_steps(steps):
         n = recipe.batch_size * steps
         part = replace(data, padded=data.padded[:n], labels=data.labels[:n])
+        trainer.flips = None  # alternating flips: a call may train more images than the last, so each starts afresh
         loss, _ = training.train_epoch(trainer, part, recipe.model_copy(update={"epochs": 1}), context, desc="project")
         loss.item()  # the epoch's one host sync
     return train_steps
@@ -184,11 +189,17 @@ def profile_step(bench, device, rows=15):
     return profiler.key_averages().table(sort_by=sort, row_limit=rows)
 
 
-def measure(bench, device):
-    """images/s of each mode: warmed up once, then measured in `rounds` alternating rounds, best round kept,
-    so a machine whose speed drifts (a shared or throttled one) does not favour the mode measured first."""
-    runners = {"project": project_runner(bench, device), "reference": reference_runner(bench, device),
-               "ceiling": ceiling_runner(bench, device)}
+def modes(bench, device):
+    """{mode: its runner} of the three ways of training the recipe that the report compares."""
+    return {"project": project_runner(bench, device), "reference": reference_runner(bench, device),
+            "ceiling": ceiling_runner(bench, device)}
+
+
+def measure(bench, device, runners=None):
+    """images/s of each runner (default: the three modes): warmed up once, then measured in `rounds`
+    alternating rounds, best round kept, so a machine whose speed drifts (a shared or throttled one) does not
+    favour the one measured first."""
+    runners = modes(bench, device) if runners is None else runners
     for runner in runners.values():
         runner(bench.warmup)
     best = dict.fromkeys(runners, 0.0)
@@ -214,6 +225,43 @@ def speed_figures(rates, flops, peak):
     }
 
 
+def variant_settings(bench, params, variant):
+    """The benchmark's settings for one tools.sweep variant: its keys set over the params file's (`params`,
+    as read_params reads it) and checked as the stages check them, then the command line's options."""
+    params = {section: dict(values or {}) for section, values in params.items()}
+    for key, value in variant.items():
+        section, name = key.split(".")
+        params.setdefault(section, {})[name] = value
+    source = f"{bench.params} with the variant's keys"
+    model, recipe = (check_section(schema, params.get(schema.section), source) for schema in (ModelParams, Recipe))
+    options = {"batch_size": bench.batch_size, "precision": bench.precision}
+    return argparse.Namespace(**{
+        **vars(bench), "recipe": Recipe(**recipe).model_copy(update={k: v for k, v in options.items() if v}),
+        "blocks": bench.blocks_option or model["blocks"], "widths": bench.widths_option or model["widths"]})
+
+
+def variant_figures(rates):
+    """The --variants report: each variant's images/s and its ratio to the first's (> 1: faster)."""
+    first = next(iter(rates.values()))
+    return {name: {"images_per_s": round(rate, 1), "vs_first": round(rate / first, 3)} for name, rate in rates.items()}
+
+
+def compare_variants(bench, device):
+    """{variant: its settings' images/s through the project's step}, measured side by side."""
+    from tools.sweep import study, variants
+
+    known, params = variants(study(bench.params)), read_params(bench.params)
+    unknown = [name for name in bench.variants if name not in known]
+    if unknown:
+        raise UserError(f"--variants: unknown variant {', '.join(unknown)} (known: {', '.join(known)})")
+    settings = {name: variant_settings(bench, params, known[name]) for name in bench.variants}
+    for setting in settings.values():
+        setting.recipe = setting.recipe.model_copy(
+            update={"precision": resolve_precision(setting.recipe.precision, device)})
+    rates = measure(bench, device, {name: project_runner(setting, device) for name, setting in settings.items()})
+    return rates, settings
+
+
 def parse_args(argv):
     """The command line over params.yaml's recipe: options left out take the file's values."""
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
@@ -230,42 +278,62 @@ def parse_args(argv):
                         help="torch.compile the project's and the ceiling's model (default: system.compile)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers of the reference loop (default: min(4, CPUs))")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="measure the project's step of these tools.sweep variants instead, side by side "
+                             "(e.g. final fast), each with its own recipe and model")
     parser.add_argument("--profile", action="store_true",
                         help="also print, to stderr, torch.profiler's table of the top operators of one project step")
     args = parser.parse_args(argv)
     params = load_params(ModelParams, Recipe, System, path=args.params)
     overrides = {"batch_size": args.batch_size, "precision": args.precision}
     args.recipe = Recipe.from_params(params).model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    args.blocks_option, args.widths_option = args.blocks, args.widths  # what --variants overrides too
     args.blocks = args.blocks or params["model"]["blocks"]
     args.widths = args.widths or params["model"]["widths"]
     args.compiled = params["system"]["compile"] if args.compiled is None else args.compiled
     args.device = params["system"]["device"]
+    if args.variants and args.profile:
+        parser.error("--profile profiles params.yaml's recipe: leave it out with --variants")
     if len(args.blocks) != len(args.widths) or min(args.steps, args.warmup, args.rounds, args.recipe.batch_size) < 1:
         parser.error("--blocks and --widths need the same length; "
                      "--steps, --warmup, --rounds and --batch-size must be >= 1")
     return args
 
 
+def describe(device):
+    """(the device's name, its capability): the GPU's and its compute capability, or the CPU's threads and
+    torch's CPU capability (AVX2, AVX512, ...)."""
+    if device.type == "cuda":
+        return (torch.cuda.get_device_name(device),
+                "compute capability " + ".".join(map(str, torch.cuda.get_device_capability(device))))
+    return f"cpu ({torch.get_num_threads()} threads)", torch.backends.cpu.get_cpu_capability()
+
+
 def main(argv=None):
     bench = parse_args(argv)
     device, _claim = choose_device(bench.device)  # system.device, as the stages choose it
     torch.backends.cudnn.benchmark = True
-    bench.recipe = bench.recipe.model_copy(update={"precision": resolve_precision(bench.recipe.precision, device)})
     torch.manual_seed(0)
     np.random.seed(0)
+    name, capability = describe(device)
+    machine = {"device": name, "capability": capability, "compile": bench.compiled, "torch": torch.__version__,
+               "steps": bench.steps, "rounds": bench.rounds}
+    if bench.variants:
+        rates, settings = compare_variants(bench, device)
+        result = {**machine, "variants": {
+            name: {**figures, "precision": settings[name].recipe.precision, "blocks": settings[name].blocks,
+                   "widths": settings[name].widths, "batch_size": settings[name].recipe.batch_size,
+                   "optimizer": settings[name].recipe.optimizer}
+            for name, figures in variant_figures(rates).items()}}
+        print(json.dumps(result))
+        return result
+    bench.recipe = bench.recipe.model_copy(update={"precision": resolve_precision(bench.recipe.precision, device)})
     rates = measure(bench, device)
     flops = flops_per_image(bench, device)
     peak = matmul_flops_per_s(device, bench.recipe.precision)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        capability = "compute capability " + ".".join(map(str, torch.cuda.get_device_capability(device)))
-    else:
-        name, capability = f"cpu ({torch.get_num_threads()} threads)", torch.backends.cpu.get_cpu_capability()
     result = {
-        "device": name, "capability": capability, "precision": bench.recipe.precision, "compile": bench.compiled,
-        "torch": torch.__version__, "blocks": bench.blocks, "widths": bench.widths,
-        "batch_size": bench.recipe.batch_size, "steps": bench.steps, "rounds": bench.rounds,
-        **speed_figures(rates, flops, peak), "recipe": bench.recipe.model_dump(),
+        **machine, "precision": bench.recipe.precision, "blocks": bench.blocks, "widths": bench.widths,
+        "batch_size": bench.recipe.batch_size, **speed_figures(rates, flops, peak), "recipe": bench.recipe.model_dump(),
     }
     if bench.profile:
         print(profile_step(bench, device), file=sys.stderr)

@@ -15,8 +15,8 @@ The study lives in a storage that outlives the process (default: SQLite in .optu
 machines, one PostgreSQL URL): rerun the same command after a stop and it continues the same study, until N
 trials have finished or been pruned; a trial a stop interrupted runs again then, with the same params. Each
 worker's trials keep a heartbeat; a trial whose worker died (killed, its machine lost) is failed once its
-heartbeat is older than 3 beats and run again with the same params. Each worker draws its own proposals (no
---seed); a fixed --seed with one worker reproduces a search.
+heartbeat is older than 3 beats and run again with the same params (one already pruned is recorded as pruned).
+Each worker draws its own proposals (no --seed); a fixed --seed with one worker reproduces a search.
 
 Writes reports/STUDY/: trials.md (every trial's state, params, validation accuracy, epochs), Optuna's figures
 (history.png, importances.png, parallel_coordinate.png) and logs/ (each trial's output). The best trial's
