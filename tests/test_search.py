@@ -233,6 +233,16 @@ def sampled_trainer(repo, worker):
     return (running[0], trainers[0]) if trainers else None
 
 
+def signal_all(processes, action):
+    """psutil's suspend or resume of each of `processes` still there; returns them."""
+    for p in processes:
+        try:
+            getattr(p, action)()
+        except psutil.NoSuchProcess:
+            pass
+    return processes
+
+
 def search(repo, space_file, *args, trials=3):
     return ["python", "-m", "tools.search", str(space_file), "--trials", str(trials), "--startup-trials", "1",
             "--heartbeat", "1", "-S", SPLIT, *args]
@@ -277,12 +287,13 @@ def test_a_tiny_search_prunes_refuses_and_resumes_after_a_kill_with_exactly_the_
     # second) and might be pruned after epoch 2 first (its prune is then what the study records:
     # test_a_trial_whose_worker_died_is_run_again_unless_it_was_already_pruned)
     number, trainer = wait_until(lambda: sampled_trainer(repo, worker), 600, "a sampled trial's train stage", [worker])
-    wait_until(lambda: any((repo / ".dvc/tmp/checkpoints").glob("*.pt")), 120, "its first epoch saved", [worker],
-               interval=0.01)
-    trainer.suspend()
+    started = trainer.create_time()
+    wait_until(lambda: any(f.stat().st_mtime >= started for f in (repo / ".dvc/tmp/checkpoints").glob("*.pt")), 120,
+               "its first epoch saved", [worker], interval=0.01)
+    held = signal_all(psutil.Process(worker.pid).children(recursive=True), "suspend")  # the whole trial
     os.kill(worker.pid, signal.SIGKILL)
     first_output = finish(worker, 60, "the killed worker's exit")[1]
-    trainer.resume()
+    signal_all(held, "resume")
     # its trial notices and stops: no trial trains on for a dead worker
     wait_until(lambda: not trial_processes(repo), 30, "the killed worker's trial to stop")
 
