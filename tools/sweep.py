@@ -39,7 +39,7 @@ TUNED = {"evaluate.tta": "flip_translate"}
 # from the fast trainers (docs/results.md#full-scale): Muon for the convolution filters (airbench94_muon: its
 # momentum 0.6; muon_lr 0.1, the best of 0.03, 0.1 and 0.3 in full-width probes), Nesterov SGD for BatchNorm and
 # the head at Page's ResNet-9 rate and decay, label smoothing 0.2 and alternating flips (both airbench's), a
-# quarter of the steps to warm up, and tuned's flip-and-translate TTA (fast's choice run scores every mode)
+# quarter of the steps to warm up, and flip-and-translate TTA (tuned's, and the best mode on fast's choice run)
 FAST = {"train.optimizer": "muon", "train.muon_lr": 0.1, "train.muon_momentum": 0.6, "train.max_lr": 0.2,
         "train.momentum": 0.9, "train.nesterov": True, "train.weight_decay": 5e-4, "train.label_smoothing": 0.2,
         "train.flip": "alternating", "train.warmup_fraction": 0.25, "train.epochs": 20,
